@@ -1,0 +1,31 @@
+# Set-up behind the README's two commands: `make demo` and `make test`.
+# Creates .venv, installs torch (2.13.0 unless a torch is already importable there, so a GPU
+# build installed by you is kept), the package with its dev extra, and the IU report corpus
+# (torchxrayvision's data files, installed without its torchvision dependency).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.pairaug-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "torchxrayvision==1.5.7"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/pairaug demo
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf pairaug_out .pytest_cache

@@ -1,0 +1,190 @@
+"""The ``pairaug`` command.
+
+Usage::
+
+    pairaug demo                                   # the whole pipeline on PhantomCXR, local Ray
+    pairaug phantom --n 64 --out data/phantom      # write a PhantomCXR MIMIC-style DICOM tree
+    pairaug ingest data/phantom --out runs/ingest ingest.decode.image_size=128
+    pairaug augment --config jobs/configs/demo.yaml --studies runs/ingest --out runs/augment
+    pairaug label < reports.jsonl > labels.jsonl   # {"id","report"} per line → labels per line
+
+Every job command takes ``--config FILE`` (YAML) and trailing ``section.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from pairaug_ray import __version__
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "jobs", "configs", "demo.yaml")
+
+
+def _config(args, extra: list[str] | None = None):
+    from pairaug_ray.config import load_config
+
+    path = args.config
+    if path is None and getattr(args, "default_config", None):
+        path = args.default_config if os.path.exists(args.default_config) else None
+    return load_config(path, list(extra or []) + list(args.overrides or []))
+
+
+def cmd_phantom(args) -> int:
+    from pairaug_ray import phantom
+
+    t0 = time.perf_counter()
+    counts = phantom.write_dataset(args.out, n=args.n, seed=args.seed, size=args.size,
+                                   report_source=args.reports)
+    print(json.dumps({"out": os.path.abspath(args.out), **counts,
+                      "seconds": round(time.perf_counter() - t0, 2)}, default=str))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from pairaug_ray.pipeline import run_ingest
+
+    extra = [f"ingest.source={args.source}"] if args.source else []
+    if args.out:
+        extra.append(f"ingest.out={args.out}")
+    manifest = run_ingest(_config(args, extra))
+    print(json.dumps(manifest))
+    return 0
+
+
+def cmd_augment(args) -> int:
+    from pairaug_ray.pipeline import run_augment
+
+    extra = []
+    if args.studies:
+        extra.append(f"augment.studies={args.studies}")
+    if args.out:
+        extra.append(f"augment.out={args.out}")
+    manifest = run_augment(_config(args, extra))
+    print(json.dumps(manifest))
+    return 0
+
+
+def cmd_label(args) -> int:
+    from pairaug_ray.findings import label_jsonl
+
+    src = open(args.input) if args.input and args.input != "-" else sys.stdin
+    dst = open(args.output, "w") if args.output and args.output != "-" else sys.stdout
+    lines = (json.loads(line) for line in src if line.strip())
+    for rec in label_jsonl(lines):
+        dst.write(json.dumps(rec) + "\n")
+    dst.flush()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pairaug_ray import phantom
+    from pairaug_ray.pipeline import run_augment, run_ingest
+
+    out = os.path.abspath(args.out)
+    ingest_out, augment_out = os.path.join(out, "ingest"), os.path.join(out, "augment")
+    cfg = _config(args, [f"ingest.out={ingest_out}", f"augment.studies={ingest_out}",
+                         f"augment.out={augment_out}"])
+    t0 = time.perf_counter()
+    phantom_dir = os.path.join(out, "phantom")
+    print(f"[demo] 1/3 writing {args.n} PhantomCXR studies as DICOM to {phantom_dir}", flush=True)
+    counts = phantom.write_dataset(phantom_dir, n=args.n, seed=args.seed, size=args.size,
+                                   report_source=args.reports)
+    print(f"[demo]     {json.dumps(counts, default=str)}", flush=True)
+    print("[demo] 2/3 ingest on Ray Data: decode → label → write", flush=True)
+    cfg.ingest.source = phantom_dir
+    ingest = run_ingest(cfg)
+    print("[demo] 3/3 augment on Ray Data: rewrite → InterAug generate / IntraAug edit → score "
+          "→ prune → write", flush=True)
+    aug = run_augment(cfg)
+    secs = time.perf_counter() - t0
+    b = aug["branches"]
+    print()
+    print("PairAug demo finished in %.0f s" % secs)
+    print(f"  studies ingested    : {ingest['totals']['studies']} "
+          f"({ingest['totals']['quarantined']} quarantined)  {ingest_out}/studies")
+    print(f"  InterAug candidates : {b['inter']['candidates']}, kept {b['inter']['kept']}")
+    print(f"  IntraAug candidates : {b['intra']['candidates']}, kept {b['intra']['kept']}")
+    print(f"  training pairs      : {aug['pairs_total']}  {augment_out}/pairs")
+    print(f"  manifests           : {ingest_out}/manifest.json, {augment_out}/manifest.json")
+    if aug.get("report"):
+        print(f"  visual report       : {aug['report']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pairaug", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"pairaug_ray {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def job(name: str, help_: str, default_config: str | None = None):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", help="YAML config file")
+        sp.set_defaults(default_config=default_config)
+        return sp
+
+    sp = sub.add_parser("phantom", help="write a PhantomCXR dataset (MIMIC-CXR style DICOM tree)")
+    sp.add_argument("--n", type=int, default=64, help="number of studies")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--size", type=int, default=256, help="image size in pixels")
+    sp.add_argument("--reports", choices=["auto", "iu", "template"], default="auto",
+                    help="report text: IU corpus when installed (auto), or templates")
+    sp.set_defaults(func=cmd_phantom)
+
+    sp = job("ingest", "decode, label and write a source's studies as a Parquet table")
+    sp.add_argument("source", nargs="?", help="folder, manifest, s3:// URI, iu:// or phantom://N?seed=S")
+    sp.add_argument("--out", help="output folder or s3:// URI")
+    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    sp.set_defaults(func=cmd_ingest)
+
+    sp = job("augment", "rewrite, generate/edit, score, prune and write augmented pairs")
+    sp.add_argument("--studies", help="an ingest output folder (local or s3://)")
+    sp.add_argument("--out", help="output folder or s3:// URI")
+    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    sp.set_defaults(func=cmd_augment)
+
+    sp = sub.add_parser("label", help="label reports: JSONL {id, report} → JSONL of labels")
+    sp.add_argument("input", nargs="?", default="-", help="JSONL file (default stdin)")
+    sp.add_argument("--output", default="-", help="JSONL file (default stdout)")
+    sp.set_defaults(func=cmd_label)
+
+    sp = job("demo", "the whole pipeline at toy scale on PhantomCXR with local Ray", DEMO_CONFIG)
+    sp.add_argument("--out", default="pairaug_out/demo", help="output folder")
+    sp.add_argument("--n", type=int, default=48, help="PhantomCXR studies")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--reports", choices=["auto", "iu", "template"], default="auto")
+    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after options, so collect every leftover "a.b=c" word.
+    args, unknown = parser.parse_known_args(argv)
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + unknown
+    elif unknown:
+        parser.error(f"{args.command} takes no config overrides: {' '.join(unknown)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"pairaug {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""Rule-based CheXpert-style labeler: 14 observations with negation, uncertainty, laterality, severity.
+
+Usage::
+
+    from pairaug_ray.findings import label_report, label_states, label_vector
+    found = label_report("Small left pleural effusion. No pneumothorax.")
+    label_states(found)   # {"Pleural Effusion": 1, "Pneumothorax": 0}
+    found["Pleural Effusion"].laterality, found["Pleural Effusion"].severity   # "left", "mild"
+
+    python -m pairaug_ray.findings --iu-agreement     # agreement with the IU reports' MeSH tags
+
+How a report is read (docs/labeler.md has the rules and the measured agreement):
+
+1. Sentences are split on end punctuation; each is lower-cased, de-identification (``___``, ``XXXX``)
+   removed, hyphens turned into spaces.
+2. A sentence is cut into parts at ``, ; :`` and at ``but however although though whereas while
+   except which where and with``. A part that continues a list (``no consolidation, effusion, or
+   pneumothorax``) inherits the negation or uncertainty of the part before it, unless it starts like a
+   new statement (a severity word, ``new``, ``there``...) or has its own verb.
+3. Each observation's mention patterns are searched in each part. Before the mention the nearest
+   cue wins: an uncertainty cue (``may``, ``possible``, ``likely``, ``suggestive``, ``question of``,
+   ``versus``, ``borderline``...) makes it UNCERTAIN, a negation cue (``no``, ``without``,
+   ``negative for``, ``free of``, ``resolution of``...) NEGATIVE; "no X to suggest Y" negates Y.
+   With no cue before it, cues after it count (``cannot be excluded`` -> UNCERTAIN; ``has
+   resolved``, ``is not seen``, ``removed`` -> NEGATIVE); then one of two alternatives (``atelectasis
+   or pneumonia``) is UNCERTAIN; else POSITIVE. Requests and conditionals (``if``, ``evaluation
+   for``, ``correlate``) and disclaimers (``fractures may not be demonstrated``) are not mentions.
+   "Normal" statements (``heart size is normal``, ``lungs are clear``, ``normal cardiomediastinal
+   silhouette``) are NEGATIVE mentions of the observations they rule out.
+4. Per observation, as in CheXpert: any POSITIVE mention wins, then UNCERTAIN, then NEGATIVE.
+   "No Finding" is POSITIVE when no observation other than Support Devices is POSITIVE or UNCERTAIN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+OBSERVATIONS: list[str] = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+    "Pleural Other", "Fracture", "Support Devices",
+]
+POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
+_STATE_RANK = {POSITIVE: 2, UNCERTAIN: 1, NEGATIVE: 0}
+_SEVERITY_RANK = {"mild": 0, "moderate": 1, "severe": 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    observation: str
+    state: int                 # POSITIVE / NEGATIVE / UNCERTAIN
+    laterality: str | None     # "left" | "right" | "bilateral" | None
+    severity: str | None       # "mild" | "moderate" | "severe" | None
+    evidence: str = ""         # the sentence the decision came from
+
+
+def _rx(*alternatives: str) -> re.Pattern:
+    return re.compile(r"\b(?:" + "|".join(alternatives) + r")")
+
+
+_HEART = r"(?:heart|cardiac (?:silhouette|shadow|contours?|size|borders?)|heart (?:size|contours?|shadow))"
+_MEDIASTINUM = (r"(?:cardio ?mediastin(?:um|al (?:silhouettes?|contours?|shadows?|width))"
+                r"|mediastin(?:um|al (?:silhouettes?|contours?|shadows?|width|configuration))"
+                r"|superior mediastinum|cardiopericardial silhouette)")
+# "upper limits of normal" / "top normal" heart size is a normal size (IU indexes it as normal)
+_NORMAL_PRED = (r"(?:(?:upper limits? of |top |high )?normal|within normal limits|unremarkable|"
+                r"not (?:enlarged|widened))")
+
+# Mention patterns per observation: text that names the observation (state decided by context).
+MENTIONS: dict[str, list[re.Pattern]] = {
+    "Enlarged Cardiomediastinum": [
+        _rx(r"enlarged cardio ?mediastinum", r"mediastinal (?:widening|enlargement|prominence)",
+            r"(?:widen(?:ed|ing)|enlarge(?:d|ment)|prominen(?:t|ce)) (?:of )?(?:the )?" + _MEDIASTINUM,
+            _MEDIASTINUM + r"(?: \w+){0,4}? (?:widened|enlarged|prominent|wide)\b"),
+    ],
+    "Cardiomegaly": [
+        _rx(r"cardiomegaly", r"(?:cardiac|heart) enlargement", r"enlarged " + _HEART,
+            r"enlargement of the " + _HEART,
+            _HEART + r"(?: \w+){0,4}? (?:enlarged|large|increased)\b",
+            _HEART + r"(?: \w+){0,3}? borderline",
+            r"borderline (?:enlarged )?(?:heart|cardiac)"),
+    ],
+    "Lung Opacity": [
+        _rx(r"(?<!nodular )opaci(?:ty|ties|fication|fications|fied)", r"infiltrat(?:e|es|ion|ive)",
+            r"air ?space (?:disease|process|filling)", r"hazy|haziness",
+            r"(?:increased|patchy|streaky|ill defined|hazy|interstitial|alveolar) densit(?:y|ies)"),
+    ],
+    "Lung Lesion": [
+        _rx(r"nodul(?:e|es|ar (?:opacit\w+|densit\w+))", r"mass(?:es)?\b", r"tumou?rs?\b",
+            r"neoplasm", r"carcinoma", r"cavitary (?:lesion|mass)", r"(?:lung|pulmonary) lesions?"),
+    ],
+    "Edema": [
+        _rx(r"o?edema", r"heart failure", r"chf\b", r"(?:vascular|pulmonary|venous) congestion",
+            r"congestion", r"(?:cardiac|early|congestive) failure",
+            r"cephalization", r"vascular redistribution", r"pulmonary venous hypertension",
+            r"(?:prominen(?:t|ce)|engorged|engorgement|increased|indistinct\w*) (?:of )?(?:the )?"
+            r"(?:central )?(?:pulmonary |lung )?(?:vasculature|vascularity|vascular markings|vessels)",
+            r"(?:vasculature|vascularity)(?: \w+){0,2}? (?:prominent|engorged|increased|indistinct)",
+            r"congestive", r"vascular prominence", r"indistinct(?:ness)? (?:of )?(?:the )?"
+            r"(?:pulmonary )?vascul"),
+    ],
+    "Consolidation": [_rx(r"consolidat(?:ion|ions|ive|ed)")],
+    "Pneumonia": [_rx(r"(?:broncho)?pneumonia", r"pneumonitis", r"infection", r"infectious")],
+    "Atelectasis": [
+        _rx(r"atelecta(?:sis|ses|tic)", r"(?:lobar|lobe|lung|segmental|subsegmental) collapse",
+            r"collapse of the (?:\w+ ){0,3}?(?:lobe|lung)", r"collapsed (?:\w+ )?(?:lobe|lung)"),
+    ],
+    "Pneumothorax": [
+        re.compile(r"(?:hydro|hemo|haemo)?pneumothora(?:x|ces)"),
+        _rx(r"pleural air\b", r"air (?:collection )?(?:\w+ ){0,4}?(?:in|within) the pleural space"),
+    ],
+    "Pleural Effusion": [
+        _rx(r"(?<!pericardial )effusions?", r"pleural fluid", r"hydrothorax",
+            r"hydropneumothorax"),
+    ],
+    "Pleural Other": [
+        _rx(r"pleural (?:thickening|plaques?|calcifications?|scar\w*)", r"fibrothorax",
+            r"pleuro ?parenchymal scar\w*", r"pleural parenchymal scar\w*"),
+    ],
+    "Fracture": [_rx(r"fractur(?:e|es|ed)\b", r"fx\b")],
+    "Support Devices": [
+        _rx(r"(?:endotracheal|et|nasogastric|ng|og|orogastric|feeding|chest|tracheostomy|enteric|"
+            r"dobhoff|gastric|drainage|thoracostomy|gastrostomy) tubes?", r"tubes?\b",
+            r"(?:central|venous|arterial|picc|midline|swan ganz|dialysis|port|jugular|subclavian|"
+            r"catheter) lines?", r"picc\b", r"catheters?\b", r"pacemakers?", r"pacers?\b",
+            r"a?icd\b", r"defibrillators?", r"(?:pacer|pacemaker|pacing|cardiac|transvenous|icd|"
+            r"defibrillator|ekg|ecg|monitoring|telemetry) (?:leads?|wires?)",
+            r"(?:sternotomy|sternal|surgical|cerclage|epicardial|pacer|pacing) wires?", r"sternotomy",
+            r"clips?\b", r"stents?\b", r"ports?\b", r"port a cath", r"portacath", r"mediport",
+            r"prosthe(?:sis|tic)", r"valve (?:replacement|prosthesis)", r"hardware", r"devices?\b",
+            r"drains?\b", r"coils?\b", r"staples\b", r"sutures?\b", r"arthroplast\w*",
+            r"cannula", r"(?:ivc )?filter\b", r"electrodes?\b", r"(?:plates?|screws?|rods?)\b",
+            r"stimulators?\b", r"shunt\b", r"tubing", r"tracheostomy", r"monitor leads",
+            # de-identification often blanks the device name but leaves its tip
+            r"tips? (?:\w+ ){0,3}?(?:projects?|projecting|overl\w+|terminat\w+|in the|at the)"),
+    ],
+}
+
+# "Normal" statements: NEGATIVE mentions of what they rule out.
+NORMAL_STATEMENTS: dict[str, list[re.Pattern]] = {
+    "Cardiomegaly": [
+        _rx(r"(?:" + _HEART + r"|cardio ?mediastinal silhouette|cardio ?mediastinal contours?|"
+            r"cardiopericardial silhouette)(?: \w+){0,6}? " + _NORMAL_PRED,
+            r"normal (?:\w+ )?(?:heart|cardiac|cardio ?mediastinal|cardiopericardial)",
+            r"normal sized? heart", r"heart (?:is )?normal"),
+    ],
+    "Enlarged Cardiomediastinum": [
+        _rx(_MEDIASTINUM + r"(?: \w+){0,6}? " + _NORMAL_PRED,
+            r"normal (?:\w+ )?(?:cardio ?mediastin|mediastin)",
+            r"(?:heart|cardiac silhouette) and mediastinum(?: \w+){0,4}? " + _NORMAL_PRED),
+    ],
+    "Lung Opacity": [
+        _rx(r"(?:lungs?|lung fields?|lung parenchyma|lung zones?)(?: \w+){0,4}? clear",
+            r"clear lungs?"),
+    ],
+    "Edema": [
+        _rx(r"(?:pulmonary )?vascularity(?: \w+){0,5}? " + _NORMAL_PRED,
+            r"normal (?:pulmonary )?vascularity"),
+    ],
+    "Pleural Effusion": [
+        _rx(r"(?:costophrenic (?:angles?|sulci)|pleural spaces?)(?: \w+){0,3}? (?:sharp|clear|normal)"),
+    ],
+    "Fracture": [
+        _rx(r"(?:bones|osseous structures|bony structures|skeletal structures|visualized osseous"
+            r"|bony thorax)(?: \w+){0,4}? (?:intact|unremarkable|normal)",
+            r"no acute (?:bony|osseous|skeletal) (?:abnormalit\w+|findings?|injury|process)"),
+    ],
+}
+# "Lungs are clear except for ..." is not a normal statement.
+_EXCEPT = re.compile(r"\b(?:except|other than|besides|apart from|aside from|save for)\b")
+
+_PRE_NEG = re.compile(
+    r"\b(?:no|not|without|negative for|free of|absence of|absent|resolution of|resolved|"
+    r"removal of|removed|nor|neither|rather than|clear of|ruled out|clearing of|cleared)\b")
+# "no change in the effusion" is not a negation of the effusion.
+_NOT_NEGATION = re.compile(
+    r"\b(?:no (?:significant |appreciable |substantial |interval |definite )?(?:change|changes|"
+    r"increase|decrease|worsening|improvement|progression)|not (?:significantly )?(?:changed|"
+    r"increased|decreased|improved|worsened)|no longer)\b")
+_NO_LONGER = re.compile(r"\bno longer\b")
+_POST_NEG = re.compile(
+    r"^(?:\s+\w+){0,4}?\s+(?:(?:is|are|was|were) )?(?:not (?:seen|identified|present|visualized|"
+    r"demonstrated|appreciated|evident|noted|detected|enlarged|widened)|(?:has |have )?(?:resolved|"
+    r"cleared)|no longer|removed|absent|not appreciated)\b")
+_PRE_UNC = re.compile(
+    r"\b(?:may|might|could|possible|possibly|possibility|probable|probably|likely|presum\w*|suggest\w*|"
+    r"suspicious|suspect\w*|concern\w*|question\w*|cannot (?:be )?exclude\w*|can not (?:be )?"
+    r"exclude\w*|not (?:be )?(?:entirely )?excluded|cannot rule out|rule out|r o|differential|"
+    r"versus|vs|equivocal|indeterminate|uncertain|borderline|"
+    r"consider\w*|atypical)\b")
+# Requests and conditionals name an observation without reporting it: such mentions are dropped.
+_HYPOTHETICAL = re.compile(r"\b(?:if|evaluat\w* (?:for|of)|assess\w* for|correlat\w*|rule out|r o|"
+                           r"in case of|to exclude)\b")
+# Mentions that name another thing: a fractured screw or catheter is not a bone fracture.
+UNMENTIONS: dict[str, re.Pattern] = {
+    "Fracture": _rx(r"(?:screws?|catheters?|wires?|leads?|hardware|tubes?|lines?|plates?|rods?|"
+                    r"devices?|sternotomy)\b"),
+    "Edema": _rx(r"(?:soft tissue|subcutaneous) (?:edema|swelling)"),
+}
+# "fractures may not be demonstrated": a disclaimer, not a report of the observation.
+_POST_DROP = re.compile(r"^(?:\s+\w+){0,2}?\s+may not be (?:demonstrated|seen|visible|detected|apparent)")
+# "no opacity to suggest pneumonia": the hedge sits inside a negation.
+_NEG_BEFORE_HEDGE = re.compile(r"\b(?:no|without|not)\b.*\b(?:to suggest|suggest\w*|suspicious|"
+                               r"concerning for|worrisome for)\b")
+_POST_UNC = re.compile(
+    r"^(?:\s+\w+){0,4}?\s+(?:(?:cannot|can not|could not|can t) (?:be )?(?:entirely )?"
+    r"(?:excluded|ruled out)|not (?:be )?(?:entirely )?(?:excluded|ruled out)|(?:is|are) "
+    r"(?:possible|questioned|suspected|likely|questionable|not excluded)|may be present|"
+    r"(?:difficult|hard) to exclude|versus|vs)\b")
+_ALT_STEMS = (r"(?:atelecta|pneumon|infect|consolidat|infiltrat|o?edema|effusion|scar|fibros|opaci|"
+              r"air ?space|mass|nodul|granulom|fluid|hemorrhage|aspiration|collapse|vascular|fat|"
+              r"pleural|thickening|lymph|vessel|neoplasm|tumor)")
+_ALT_AFTER = re.compile(r"^\s+(?:or|versus|vs|/)\s+(?:\w+ ){0,2}?" + _ALT_STEMS)
+_ALT_BEFORE = re.compile(_ALT_STEMS + r"\w*(?: \w+){0,2}?\s+(?:or|versus|vs|/)\s+(?:\w+ ){0,2}?$")
+
+_SPLIT = re.compile(r"\s*[,;:]\s*|\s+(but|however|although|though|whereas|while|except|which|where|"
+                    r"and|with)\s+")
+_NEW_STATEMENT = re.compile(
+    r"^(?:small|mild|mildly|moderate|moderately|minimal|trace|tiny|new|increased|increasing|"
+    r"persistent|stable|unchanged|residual|slight|there|the|a|an|possible|"
+    r"probable|likely|may)\b")
+_VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|seen|noted|identified|present|demonstrated|"
+                   r"visualized|appears?|remains?|persists?|there|shows?|again)\b")
+# "..., or pneumothorax is identified": a verb that closes the whole list
+_TRAILING_VERB = re.compile(r"(?: (?:is|are|was|were|has been|have been))?(?: \w+ly)? (?:seen|identified|"
+                            r"noted|present|demonstrated|visualized|evident|appreciated|detected)$")
+_LIST_START = re.compile(r"^(?:or|nor|and|and/or)\b")
+
+_LEFT = re.compile(r"\bleft\b|\blt\b")
+_RIGHT = re.compile(r"\bright\b|\brt\b")
+_BILATERAL = re.compile(r"\b(?:bilateral(?:ly)?|both|bibasilar|bibasal|biapical|bilat)\b")
+_SEVERITY = [
+    ("severe", re.compile(r"\b(?:severe|severely|large|larger|massive|marked|markedly|extensive|"
+                          r"significant|substantial|huge)\b")),
+    ("moderate", re.compile(r"\b(?:moderate|moderately|medium)\b")),
+    ("mild", re.compile(r"\b(?:mild|mildly|minimal|minimally|small|smaller|trace|tiny|slight|"
+                        r"slightly|minor|subtle)\b")),
+]
+_NO_LATERALITY = {"Cardiomegaly", "Enlarged Cardiomediastinum", "No Finding"}
+
+_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n\s*\n|(?<=\.)(?=[A-Z])")
+_DEID = re.compile(r"_{2,}|\bx{3,}\b", re.IGNORECASE)
+
+
+def _normalize(sentence: str) -> str:
+    s = _DEID.sub(" ", sentence.lower())
+    s = re.sub(r"(?<=\w)[-/](?=\w)", lambda m: " / " if m.group() == "/" else " ", s)
+    s = re.sub(r"[^\w,;:/ ]+", " ", s)
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCES.split(text or "") if s and s.strip()]
+
+
+def _parts(sentence: str) -> list[tuple[str, str]]:
+    """(separator before the part, part text) for each part of a normalized sentence."""
+    out, pos, sep = [], 0, ""
+    for m in _SPLIT.finditer(sentence):
+        out.append((sep, sentence[pos:m.start()].strip()))
+        sep, pos = (m.group(1) or m.group().strip()), m.end()
+    out.append((sep, sentence[pos:].strip()))
+    return [(s, p) for s, p in out if p]
+
+
+def _last_end(rx: re.Pattern, text: str) -> int:
+    end = -1
+    for m in rx.finditer(text):
+        end = m.end()
+    return end
+
+
+def _cue_state(pre: str, post: str) -> int | None:
+    """UNCERTAIN / NEGATIVE from cues around a mention, or None when there is none.
+
+    Before the mention the nearest cue wins ("borderline cardiomegaly without heart failure":
+    heart failure is negated); cues after the mention are read when there is none before it.
+    """
+    if _NEG_BEFORE_HEDGE.search(pre):
+        return NEGATIVE
+    pre_clean = _NOT_NEGATION.sub(lambda m: m.group() if _NO_LONGER.fullmatch(m.group()) else " ", pre)
+    unc = _last_end(_PRE_UNC, pre)
+    neg = max(_last_end(_PRE_NEG, pre_clean), _last_end(_NO_LONGER, pre))
+    if unc >= 0 or neg >= 0:
+        return UNCERTAIN if unc >= neg else NEGATIVE
+    if _POST_UNC.search(post):
+        return UNCERTAIN
+    if _POST_NEG.search(post):
+        return NEGATIVE
+    return None
+
+
+def _part_mode(part: str) -> int | None:
+    """The cue in force at the end of a part (for list parts that follow it)."""
+    return _cue_state(part, "")
+
+
+def _laterality(text: str) -> str | None:
+    left, right = bool(_LEFT.search(text)), bool(_RIGHT.search(text))
+    if _BILATERAL.search(text) or (left and right):
+        return "bilateral"
+    return "left" if left else "right" if right else None
+
+
+def _severity(text: str) -> str | None:
+    text = _NOT_NEGATION.sub(" ", text)
+    for name, rx in _SEVERITY:
+        if rx.search(text):
+            return name
+    return None
+
+
+@dataclass
+class _Mention:
+    observation: str
+    state: int
+    laterality: str | None
+    severity: str | None
+    evidence: str
+
+
+def _sentence_mentions(original: str) -> list[_Mention]:
+    sentence = _normalize(original)
+    found: list[_Mention] = []
+    inherited: int | None = None
+    fragment = ""  # a mention-free part before "and": "small left [and] moderate right effusions"
+    for sep, part in _parts(sentence):
+        context = (fragment + " " + part) if sep == "and" and fragment else part
+        n_found = len(found)
+        list_like = (sep in (",", "and") and not _NEW_STATEMENT.match(part)
+                     and (_LIST_START.match(part) or not _VERB.search(_TRAILING_VERB.sub("", part))))
+        carry = inherited if list_like else None
+        for obs, patterns in MENTIONS.items():
+            if obs in UNMENTIONS and UNMENTIONS[obs].search(part):
+                continue
+            for rx in patterns:
+                for m in rx.finditer(part):
+                    if _HYPOTHETICAL.search(part[:m.start()]) or _POST_DROP.search(part[m.end():]):
+                        continue
+                    pre, post = part[:m.end()], part[m.end():]
+                    # a list part under "no ..." reads as if the "no" were repeated
+                    lead = "no " if carry == NEGATIVE else ""
+                    state = _cue_state(lead + pre[:m.start()] + " " + m.group(), post)
+                    if state is None and carry is not None:
+                        state = carry
+                    if state is None and (_ALT_AFTER.search(post) or _ALT_BEFORE.search(part[:m.start()])):
+                        state = UNCERTAIN
+                    if state is None:
+                        state = POSITIVE
+                    found.append(_Mention(obs, state, _laterality(context), _severity(context), original))
+        if not _EXCEPT.search(sentence):
+            for obs, patterns in NORMAL_STATEMENTS.items():
+                # "the heart size [and] mediastinal contours are normal": read the fragment too
+                if any(rx.search(context) for rx in patterns):
+                    state = UNCERTAIN if _PRE_UNC.search(context) else NEGATIVE
+                    found.append(_Mention(obs, state, None, None, original))
+                    if obs == "Cardiomegaly" and re.search(r"cardio ?mediastinal|mediastinum", context):
+                        found.append(_Mention("Enlarged Cardiomediastinum", state, None, None, original))
+        own = _part_mode(("no " if carry == NEGATIVE else "") + part)
+        inherited = own if own is not None else carry
+        fragment = part if len(found) == n_found else ""
+    return found
+
+
+def _merge_laterality(values: list[str | None]) -> str | None:
+    vals = {v for v in values if v}
+    if "bilateral" in vals or {"left", "right"} <= vals:
+        return "bilateral"
+    return vals.pop() if vals else None
+
+
+def label_report(text: str) -> dict[str, Finding]:
+    """Label one report (findings + impression): only mentioned observations, plus "No Finding"."""
+    mentions = [m for s in split_sentences(text) for m in _sentence_mentions(s)]
+    out: dict[str, Finding] = {}
+    for obs in OBSERVATIONS:
+        mine = [m for m in mentions if m.observation == obs]
+        if not mine:
+            continue
+        best = max(_STATE_RANK[m.state] for m in mine)
+        chosen = [m for m in mine if _STATE_RANK[m.state] == best]
+        state = chosen[0].state
+        severities = [m.severity for m in chosen if m.severity]
+        out[obs] = Finding(
+            observation=obs,
+            state=state,
+            laterality=None if obs in _NO_LATERALITY else _merge_laterality([m.laterality for m in chosen]),
+            severity=(max(severities, key=_SEVERITY_RANK.__getitem__)
+                      if severities and state != NEGATIVE else None),
+            evidence=chosen[0].evidence,
+        )
+    abnormal = any(f.state in (POSITIVE, UNCERTAIN) for o, f in out.items() if o != "Support Devices")
+    if not abnormal and re.search(r"\w", text or ""):
+        out["No Finding"] = Finding("No Finding", POSITIVE, None, None, "")
+    return {o: out[o] for o in OBSERVATIONS if o in out}
+
+
+def label_states(findings: dict[str, Finding]) -> dict[str, int]:
+    return {obs: f.state for obs, f in findings.items()}
+
+
+def label_vector(findings: dict[str, Finding]) -> list[float]:
+    return [float(findings[o].state) if o in findings else math.nan for o in OBSERVATIONS]
+
+
+def findings_to_json(findings: dict[str, Finding]) -> str:
+    return json.dumps({obs: asdict(f) for obs, f in findings.items()}, sort_keys=True)
+
+
+def findings_from_json(s: str) -> dict[str, Finding]:
+    data = json.loads(s) if s else {}
+    return {obs: Finding(**d) for obs, d in data.items()}
+
+
+def label_jsonl(lines_iter: Iterable[dict | str]) -> Iterator[dict]:
+    """{"id", "report"} records (dicts or JSON lines) -> {"id", "labels", "findings"} records.
+
+    A record that cannot be read comes out as {"id", "error"}: every input yields one output.
+    """
+    for n, line in enumerate(lines_iter):
+        rec_id = None
+        try:
+            rec = json.loads(line) if isinstance(line, str | bytes) else line
+            rec_id = rec.get("id", n)
+            report = rec["report"]
+            if not isinstance(report, str):
+                raise TypeError(f"'report' must be a string, got {type(report).__name__}")
+            found = label_report(report)
+            yield {"id": rec_id, "labels": label_states(found),
+                   "findings": {obs: asdict(f) for obs, f in found.items()}}
+        except Exception as exc:  # noqa: BLE001 - reported per record
+            yield {"id": rec_id if rec_id is not None else n, "error": f"{type(exc).__name__}: {exc}"}
+
+
+# --- Agreement with the IU reports' MeSH tags -------------------------------------------------------
+
+def _mesh_roots(mesh: list[str]) -> set[str]:
+    return {t.split("/")[0].strip().lower() for t in mesh}
+
+
+# MeSH major terms (root before the first "/") that count as the observation being present.
+MESH_TRUTH: dict[str, Callable[[list[str], set[str]], bool]] = {
+    "Cardiomegaly": lambda m, r: "cardiomegaly" in r or any(
+        t.lower().startswith("cardiac shadow/enlarged") for t in m),
+    "Pleural Effusion": lambda m, r: "pleural effusion" in r,
+    "Atelectasis": lambda m, r: bool({"pulmonary atelectasis", "atelectasis"} & r),
+    "Edema": lambda m, r: bool({"pulmonary edema", "edema", "pulmonary congestion", "heart failure"} & r),
+    "Pneumothorax": lambda m, r: bool({"pneumothorax", "hydropneumothorax", "hemopneumothorax"} & r),
+    "Fracture": lambda m, r: any(x.startswith("fracture") for x in r),
+    "No Finding": lambda m, r: r == {"normal"},
+}
+# Reported for information (no floor): MeSH indexes these less consistently with CheXpert's classes.
+MESH_INFO: dict[str, Callable[[list[str], set[str]], bool]] = {
+    "Edema (strict: Pulmonary Edema only)": lambda m, r: bool({"pulmonary edema", "edema"} & r),
+    "Pneumonia": lambda m, r: "pneumonia" in r,
+    "Consolidation": lambda m, r: "consolidation" in r,
+    "Lung Lesion": lambda m, r: bool({"nodule", "mass"} & r),
+    "Support Devices": lambda m, r: bool({"catheters, indwelling", "implanted medical device",
+                                          "surgical instruments", "tube, inserted", "stents",
+                                          "medical device", "sutures"} & r),
+}
+
+# MeSH roots that name one of CheXpert's 13 observations: the "No Finding (CheXpert-scope)" row keeps
+# only reports whose MeSH terms are all of these or "normal", because MeSH also marks abnormalities
+# that CheXpert's No Finding ignores by definition (granulomas, degenerative spine, hyperinflation).
+CHEXPERT_MESH_ROOTS = {
+    "cardiomegaly", "cardiac shadow", "mediastinum", "pleural effusion", "pulmonary atelectasis",
+    "pulmonary edema", "pulmonary congestion", "heart failure", "pneumothorax", "hydropneumothorax",
+    "hemopneumothorax", "fractures, bone", "pneumonia", "consolidation", "opacity",
+    "airspace disease", "infiltrate", "nodule", "mass", "catheters, indwelling",
+    "implanted medical device", "surgical instruments", "tube, inserted", "stents",
+    "medical device", "sutures",
+}
+_SCOPED_NO_FINDING = "No Finding (CheXpert-scope subset)"
+
+
+def iu_agreement(count_uncertain: bool = True, reports=None, labels=None) -> dict:
+    """Labeler vs MeSH on the IU reports (findings + impression): per-class P/R/F1/support.
+
+    A report counts as labeler-positive for a class when its state is POSITIVE (and UNCERTAIN too
+    when ``count_uncertain``, the default: MeSH indexes hedged mentions too, e.g. "probable
+    effusions"). ``reports`` defaults to all reports from :func:`iter_iu_reports`; ``labels`` (the
+    :func:`label_report` output per report) are computed when not given.
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from pairaug_ray.io.reports import iter_iu_reports
+
+    reports = list(iter_iu_reports()) if reports is None else list(reports)
+    labels = [label_report(r.text) for r in reports] if labels is None else list(labels)
+    hits = (POSITIVE, UNCERTAIN) if count_uncertain else (POSITIVE,)
+    rows = {}
+    scoped = {_SCOPED_NO_FINDING: MESH_TRUTH["No Finding"]}
+    for name, truth_fn in {**MESH_TRUTH, **scoped, **MESH_INFO}.items():
+        obs = name.split(" (")[0]
+        keep = [i for i, r in enumerate(reports)
+                if name != _SCOPED_NO_FINDING or _mesh_roots(r.mesh) <= CHEXPERT_MESH_ROOTS | {"normal"}]
+        y_true = [int(truth_fn(reports[i].mesh, _mesh_roots(reports[i].mesh))) for i in keep]
+        y_pred = [int(obs in labels[i] and labels[i][obs].state in hits) for i in keep]
+        p, rc, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="binary",
+                                                       zero_division=0)
+        rows[name] = {"precision": round(float(p), 3), "recall": round(float(rc), 3),
+                      "f1": round(float(f1), 3), "support": int(sum(y_true)),
+                      "predicted": int(sum(y_pred)), "reports": len(keep),
+                      "floor_class": name in MESH_TRUTH or name in scoped}
+    return {"reports": len(reports), "count_uncertain": count_uncertain, "classes": rows}
+
+
+def agreement_markdown(result: dict) -> str:
+    lines = ["| class | precision | recall | F1 | support (MeSH) | labeler positive | reports |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in result["classes"].items():
+        lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+                     f"{r['support']} | {r['predicted']} | {r['reports']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pairaug_ray.findings", description=__doc__.split("\n")[0])
+    ap.add_argument("--iu-agreement", action="store_true",
+                    help="compare the labeler with the IU reports' MeSH tags")
+    ap.add_argument("--positive-only", action="store_true",
+                    help="count only POSITIVE as labeler-positive (default: POSITIVE or UNCERTAIN)")
+    ap.add_argument("text", nargs="*", help="report text to label")
+    args = ap.parse_args(argv)
+    if args.iu_agreement:
+        result = iu_agreement(count_uncertain=not args.positive_only)
+        print(agreement_markdown(result))
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    text = " ".join(args.text) if args.text else sys.stdin.read()
+    print(findings_to_json(label_report(text)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Loading Stable Diffusion pipelines from one model string, and converting their images.
+
+Usage: ``pipe = load_sd_pipeline("tiny://sd?size=64&seed=0")`` (or a local diffusers folder,
+or a hub id such as ``"stanfordmimi/RoentGen"`` when its weights are cached or online);
+``gray = to_grayscale(pipe(prompt, output_type="np").images[0])``.
+
+Every pipeline gets the reference prompt-to-prompt DDIM scheduler, so InterAug generation and
+IntraAug editing sample the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import diffusers.utils.deprecation_utils
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+TINY_SCHEME = "tiny://"
+# diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
+_NEW_DTYPE_NAME = hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype")
+_DTYPE_KWARG = "dtype" if _NEW_DTYPE_NAME else "torch_dtype"
+
+
+def ddim_scheduler() -> DDIMScheduler:
+    """The DDIM scheduler of the reference prompt-to-prompt code (Stable Diffusion betas)."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """``None``/"auto" -> float16 on CUDA, float32 elsewhere; strings like "fp16" or "bfloat16"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    names = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def parse_tiny_uri(model: str, seed: int = 0) -> dict:
+    """``tiny://sd?size=64&seed=0&channels=32,64&cross=64`` -> ``tiny_sd_pipeline`` kwargs."""
+    parsed = urlparse(model)
+    if parsed.scheme != "tiny" or parsed.netloc != "sd":
+        raise ValueError(f"unknown tiny model {model!r}; expected tiny://sd?size=..&seed=..")
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    unknown = set(query) - {"size", "seed", "channels", "cross"}
+    if unknown:
+        raise ValueError(f"unknown parameters {sorted(unknown)} in {model!r}")
+    kwargs = {"seed": int(query.get("seed", seed)), "image_size": int(query.get("size", 64))}
+    if "channels" in query:
+        kwargs["unet_channels"] = tuple(int(c) for c in query["channels"].split(","))
+    if "cross" in query:
+        kwargs["cross_attention_dim"] = int(query["cross"])
+    return kwargs
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_sd_pipeline(
+    model: str,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline named by ``model``, on ``device`` in ``dtype``.
+
+    ``model`` is a ``tiny://sd?...`` URI (seeded offline tiny weights; ``seed`` is the default
+    when the URI names none), a local diffusers folder, or a hub id. Safety checker off,
+    progress bars off, reference DDIM scheduler.
+    """
+    torch_dtype = resolve_dtype(dtype, device)
+    if model.startswith(TINY_SCHEME):
+        from pairaug_ray.models.tiny import tiny_sd_pipeline
+
+        pipe = tiny_sd_pipeline(**parse_tiny_uri(model, seed))
+        if torch_dtype != torch.float32:
+            pipe = pipe.to(dtype=torch_dtype)
+    else:
+        local = Path(model).expanduser()
+        is_local = local.is_dir()
+        looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+        if not is_local and looks_like_path:  # hub ids are "org/name"
+            raise FileNotFoundError(f"diffusion model folder {model!r} does not exist")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(local) if is_local else model,
+                **{_DTYPE_KWARG: torch_dtype},
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                local_files_only=is_local or _hub_offline(),
+            )
+        except (OSError, ValueError) as exc:
+            where = "local folder" if is_local else (
+                "hub model (offline, not in the local cache)" if _hub_offline() else "hub model")
+            raise RuntimeError(f"cannot load Stable Diffusion {where} {model!r}: {exc}") from exc
+        pipe.scheduler = ddim_scheduler()
+    if torch.device(device).type != "cpu":
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_grayscale(image: np.ndarray) -> np.ndarray:
+    """Pipeline output (HxWx3 or HxW float in [0,1]) -> float32 HxW in [0,1] (channel mean)."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3:
+        image = image.mean(axis=-1)
+    if image.ndim != 2:
+        raise ValueError(f"expected an HxW or HxWxC image, got shape {image.shape}")
+    return np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0)

@@ -1,0 +1,503 @@
+"""Prompt-to-prompt editing (Hertz et al., 2022) as diffusers attention processors, for IntraAug.
+
+Usage::
+
+    source, targets = p2p_edit(pipe, "small left pleural effusion",
+                               ["large left pleural effusion"], steps=75, seed=7)
+    pairs = p2p_edit_variants(pipe, report, [(rewrite_a, seed_a), (rewrite_b, seed_b)])
+
+How it works
+------------
+The source prompt (the original report) and the target prompt (a rewritten report) are denoised
+together from the SAME initial latent with DDIM and classifier-free guidance. While they are, a
+custom attention processor (``P2PAttnProcessor``, installed on every ``Attention`` layer of the
+UNet with ``unet.set_attn_processor`` and always restored by ``attention_control``) rewrites the
+target's attention probabilities from the source's:
+
+- cross-attention, for the first ``cross_replace`` fraction of steps:
+  ``replace`` (same token count) copies the source's maps; ``refine`` (any prompts) aligns the two
+  token sequences (``difflib.SequenceMatcher`` over token ids) and takes, for every target token
+  that has a source counterpart, the counterpart's map; new target tokens keep their own map;
+- self-attention, for the first ``self_replace`` fraction of steps, in layers with at most
+  ``self_replace_max_tokens`` query positions (the reference: 16x16 = 256 at 512 px);
+- ``LocalBlend`` (optional): after every step the target latent is pulled back to the source's
+  outside the region that the given words attend to (cross-attention maps averaged over layers and
+  steps, max-normalised, thresholded): ``x_tgt = x_src + mask * (x_tgt - x_src)``.
+Only the conditional half of the CFG batch is edited, as in the reference.
+
+Batch layout: one UNet call per step holds every variant of one report. A variant is a
+``(target prompt, seed)``; the seed picks the initial latent that the variant's target shares with
+its source generation. Sources are generated once per distinct seed, so the batch per CFG half is
+``[source(seed) for each distinct seed] + [target for each variant]``: 1 + N images when all
+variants share one seed (``p2p_edit``), 2N with N distinct seeds (``p2p_edit_variants``), and the
+full UNet batch is ``[uncond half, cond half]``. Every edit only reads its own source, so a
+variant's result does not depend on the other variants in the batch (up to float rounding).
+
+As in the reference, the source image is a generation from noise (not an inversion of a real
+image). The scheduler must be deterministic per sample (DDIM with eta=0, the pipeline's default
+for ``tiny://`` models), otherwise sources and targets would not share their noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+EDITS = ("refine", "replace")
+
+
+# ---------------------------------------------------------------- token alignment
+
+
+@dataclass(frozen=True)
+class TokenAlignment:
+    """For each target token position: which source position's attention it takes, and how much."""
+
+    mapper: torch.Tensor  # long [max_len]: source position per target position
+    alphas: torch.Tensor  # float [max_len]: 1 = take the source's map, 0 = new token, keep own
+
+
+def replace_alignment(source_ids: Sequence[int], target_ids: Sequence[int], max_len: int) -> TokenAlignment:
+    """Identity alignment for ``replace``: both prompts must have the same number of tokens."""
+    if len(source_ids) != len(target_ids):
+        raise ValueError(
+            f"edit='replace' needs prompts with the same token count "
+            f"({len(source_ids)} != {len(target_ids)}); use edit='refine'"
+        )
+    return TokenAlignment(torch.arange(max_len), torch.ones(max_len))
+
+
+def refine_alignment(source_ids: Sequence[int], target_ids: Sequence[int], max_len: int) -> TokenAlignment:
+    """Word-level alignment of two token sequences (both with their special tokens, unpadded).
+
+    Tokens in matching blocks take the source token's attention; inserted or substituted tokens keep
+    their own (alpha 0). Padding positions after the target's end map to the source's padding.
+    """
+    mapper = torch.zeros(max_len, dtype=torch.long)
+    alphas = torch.zeros(max_len)
+    matcher = difflib.SequenceMatcher(None, list(source_ids), list(target_ids), autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            mapper[block.b + k] = block.a + k
+            alphas[block.b + k] = 1.0
+    n_src, n_tgt = len(source_ids), len(target_ids)
+    for pos in range(n_tgt, max_len):
+        mapper[pos] = min(n_src + pos - n_tgt, max_len - 1)
+        alphas[pos] = 1.0
+    return TokenAlignment(mapper, alphas)
+
+
+def word_token_mask(word_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], max_len: int) -> torch.Tensor:
+    """float [max_len]: 1 at every position of ``prompt_ids`` where one of the words' token runs occurs."""
+    mask = torch.zeros(max_len)
+    ids = list(prompt_ids)
+    for run in word_ids:
+        run = list(run)
+        if not run:
+            continue
+        for start in range(len(ids) - len(run) + 1):
+            if ids[start : start + len(run)] == run:
+                mask[start : start + len(run)] = 1.0
+    return mask
+
+
+# ---------------------------------------------------------------- controllers
+
+
+class LocalBlend:
+    """Keeps the target latent equal to its source's outside the region the blend words attend to.
+
+    ``word_masks`` [M, L] marks the blend words' token positions in each sample's prompt (sources
+    then targets, as in the batch). The mask of a target is the union of its own and its source's
+    thresholded word maps. A variant whose prompts contain none of the words is left unblended.
+    """
+
+    def __init__(
+        self,
+        word_masks: torch.Tensor,
+        target_sources: torch.Tensor,
+        threshold: float = 0.3,
+        max_tokens: int = 256,
+    ):
+        self.word_masks = word_masks
+        self.target_sources = target_sources
+        self.num_sources = word_masks.shape[0] - target_sources.shape[0]
+        self.threshold = threshold
+        self.max_tokens = max_tokens
+        self._sums: dict[int, torch.Tensor] = {}  # query count -> summed [M, Q] word maps
+
+    def store(self, cond_maps: torch.Tensor) -> None:
+        """``cond_maps`` [M, Q, L]: one layer's head-averaged cross-attention (conditional half)."""
+        word_map = (cond_maps * self.word_masks[:, None, :].to(cond_maps)).sum(-1).float()
+        q = word_map.shape[1]
+        self._sums[q] = self._sums[q] + word_map if q in self._sums else word_map
+
+    def mask(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """bool [T, 1, h, w]: where each target may differ from its source."""
+        h, w = latent_hw
+        maps = []
+        for q, summed in self._sums.items():
+            factor = math.sqrt(h * w / q)
+            mh, mw = max(1, round(h / factor)), max(1, round(w / factor))
+            grid = summed.view(-1, 1, mh, mw)
+            grid = F.max_pool2d(grid, 3, stride=1, padding=1)
+            maps.append(F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False))
+        m = torch.stack(maps).mean(0)  # [M, 1, h, w]
+        peak = m.amax(dim=(2, 3), keepdim=True)
+        sample_mask = (m / peak.clamp_min(1e-12)).gt(self.threshold) & peak.gt(0)
+        src = self.target_sources
+        tgt_mask = sample_mask[self.num_sources :] | sample_mask[src]
+        has_words = (self.word_masks[self.num_sources :].sum(-1) + self.word_masks[src].sum(-1)) > 0
+        return tgt_mask | ~has_words[:, None, None, None].to(tgt_mask.device)
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        if not self._sums:
+            return latents
+        s = self.num_sources
+        mask = self.mask(tuple(latents.shape[-2:])).to(latents.dtype)
+        src = latents[self.target_sources.to(latents.device)]
+        return torch.cat([latents[:s], src + mask * (latents[s:] - src)])
+
+
+class P2PController:
+    """Edits attention probabilities of the conditional half of the batch, step by step.
+
+    The batch per CFG half is ``[sources (S), targets (T)]``; ``target_sources[j]`` is the
+    source index of target j; ``alignments[j]`` its token alignment (``refine`` or ``replace``).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_sources: int,
+        target_sources: Sequence[int],
+        alignments: Sequence[TokenAlignment],
+        steps: int,
+        cross_replace: float,
+        self_replace: float,
+        self_replace_max_tokens: int = 256,
+        local_blend: LocalBlend | None = None,
+    ):
+        if not 0.0 <= cross_replace <= 1.0 or not 0.0 <= self_replace <= 1.0:
+            raise ValueError("cross_replace and self_replace are fractions of the steps in [0, 1]")
+        self.num_sources = num_sources
+        self.target_sources = torch.as_tensor(list(target_sources), dtype=torch.long)
+        self.num_targets = len(self.target_sources)
+        if self.num_targets:
+            self.mapper = torch.stack([a.mapper for a in alignments])  # [T, L]
+            self.alphas = torch.stack([a.alphas for a in alignments])  # [T, L]
+        self.cross_steps = int(steps * cross_replace)
+        self.self_steps = int(steps * self_replace)
+        self.self_replace_max_tokens = self_replace_max_tokens
+        self.local_blend = local_blend
+        self.cur_step = 0
+
+    def wants_probs(self, is_cross: bool, num_queries: int) -> bool:
+        """Whether this layer needs explicit attention probabilities at the current step."""
+        if not self.num_targets:
+            return False
+        if is_cross:
+            blend = self.local_blend is not None and num_queries <= self.local_blend.max_tokens
+            return blend or self.cur_step < self.cross_steps
+        return self.cur_step < self.self_steps and num_queries <= self.self_replace_max_tokens
+
+    def edit(self, probs: torch.Tensor, is_cross: bool, heads: int) -> torch.Tensor:
+        """``probs`` [2 * M * heads, Q, K] (uncond half, cond half) -> edited, same shape."""
+        q, k = probs.shape[-2:]
+        m = probs.shape[0] // (2 * heads)
+        p = probs.view(2, m, heads, q, k)
+        cond = p[1]
+        s = self.num_sources
+        src_idx = self.target_sources.to(probs.device)
+        if is_cross and self.local_blend is not None and q <= self.local_blend.max_tokens:
+            self.local_blend.store(cond.mean(1))
+        if is_cross and self.cur_step < self.cross_steps:
+            src = cond[src_idx]  # [T, heads, Q, K]
+            mapper = self.mapper.to(probs.device)[:, None, None, :].expand(-1, heads, q, -1)
+            mapped = torch.gather(src, -1, mapper)
+            alphas = self.alphas.to(probs)[:, None, None, :]
+            cond[s:] = mapped * alphas + cond[s:] * (1 - alphas)
+        elif not is_cross and self.cur_step < self.self_steps and q <= self.self_replace_max_tokens:
+            cond[s:] = cond[src_idx]
+        return probs
+
+
+class P2PAttnProcessor:
+    """Attention processor that hands the attention probabilities to a ``P2PController``.
+
+    Layers and steps the controller leaves alone run through ``scaled_dot_product_attention``, so
+    the large self-attention layers of a 512 px model never materialise their maps.
+    """
+
+    def __init__(self, controller: P2PController):
+        self.controller = controller
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        is_cross = encoder_hidden_states is not None
+        batch, num_queries, _ = hidden_states.shape
+        key_len = encoder_hidden_states.shape[1] if is_cross else num_queries
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        if self.controller.wants_probs(is_cross, num_queries):
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
+            query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+            probs = attn.get_attention_scores(query, key, attention_mask)
+            probs = self.controller.edit(probs, is_cross, attn.heads)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        else:
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
+                attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+            head_dim = key.shape[-1] // attn.heads
+            query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+            hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+            hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def attention_control(unet: torch.nn.Module, controller: P2PController) -> Iterator[P2PController]:
+    """Installs ``P2PAttnProcessor`` on every attention layer; restores the originals on exit."""
+    original = dict(unet.attn_processors)
+    unet.set_attn_processor(P2PAttnProcessor(controller))
+    try:
+        yield controller
+    finally:
+        # set_attn_processor pops from the dict it is given: hand it a copy
+        unet.set_attn_processor(dict(original))
+
+
+# ---------------------------------------------------------------- the edit
+
+
+def _tokenize(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, list[list[int]]]:
+    """Padded ids [n, max_len] for the text encoder and the unpadded id lists for alignment."""
+    tok = pipe.tokenizer
+    enc = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    lengths = enc.attention_mask.sum(-1).tolist()
+    unpadded = [ids[:n].tolist() for ids, n in zip(enc.input_ids, lengths)]
+    return enc.input_ids, unpadded
+
+
+def _encode_text(pipe, ids: torch.Tensor) -> torch.Tensor:
+    device = pipe.unet.device
+    return pipe.text_encoder(ids.to(device))[0].to(pipe.unet.dtype)
+
+
+def _latent_shape(pipe, image_size: int | None) -> tuple[int, int, int]:
+    scale = pipe.vae_scale_factor
+    size = image_size or pipe.unet.config.sample_size * scale
+    if size % scale:
+        raise ValueError(f"image_size {size} is not a multiple of the VAE scale factor {scale}")
+    return pipe.unet.config.in_channels, size // scale, size // scale
+
+
+def seed_latent(pipe, seed: int | None = None, generator: torch.Generator | None = None, image_size: int | None = None) -> torch.Tensor:
+    """[1, C, h, w] float32 initial noise from a CPU generator (device-independent per seed)."""
+    if generator is None:
+        generator = torch.Generator("cpu").manual_seed(int(seed or 0) % 2**63)
+    return torch.randn((1, *_latent_shape(pipe, image_size)), generator=generator, dtype=torch.float32)
+
+
+def _decode_gray(pipe, latents: torch.Tensor) -> np.ndarray:
+    """Latents [M, C, h, w] -> float32 [M, H, W] in [0, 1] (channel mean = grayscale)."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1).mean(1)
+    return images.cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def p2p_generate(
+    pipe,
+    source_prompt: str,
+    target_prompts: Sequence[str],
+    target_sources: Sequence[int],
+    source_latents: torch.Tensor,
+    *,
+    steps: int = 75,
+    guidance_scale: float = 4.0,
+    cross_replace: float = 0.5,
+    self_replace: float = 0.2,
+    edit: str = "refine",
+    local_blend_words: Sequence[str] | None = None,
+    blend_threshold: float = 0.3,
+    self_replace_max_tokens: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The batched core: S source latents, T targets (target j starts from source ``target_sources[j]``).
+
+    Returns (source images [S, H, W], target images [T, H, W]), float32 in [0, 1].
+    """
+    if edit not in EDITS:
+        raise ValueError(f"edit must be one of {EDITS}, not {edit!r}")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    num_sources = source_latents.shape[0]
+    if any(not 0 <= j < num_sources for j in target_sources):
+        raise ValueError("target_sources must index source_latents")
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    max_len = pipe.tokenizer.model_max_length
+
+    prompts = [source_prompt] + list(target_prompts)
+    ids, unpadded = _tokenize(pipe, prompts + [""])
+    emb = _encode_text(pipe, ids)
+    src_emb, tgt_emb, uncond_emb = emb[:1], emb[1:-1], emb[-1:]
+    cond = torch.cat([src_emb.expand(num_sources, -1, -1), tgt_emb])
+    context = torch.cat([uncond_emb.expand(cond.shape[0], -1, -1), cond])
+
+    align = refine_alignment if edit == "refine" else replace_alignment
+    alignments = [align(unpadded[0], tgt_ids, max_len) for tgt_ids in unpadded[1:-1]]
+    target_index = torch.as_tensor(list(target_sources), dtype=torch.long)
+    blend = None
+    if local_blend_words:
+        word_ids = [pipe.tokenizer(w, add_special_tokens=False).input_ids for w in local_blend_words]
+        masks = [word_token_mask(word_ids, unpadded[0], max_len)] * num_sources
+        masks += [word_token_mask(word_ids, t, max_len) for t in unpadded[1:-1]]
+        blend = LocalBlend(torch.stack(masks), target_index, blend_threshold, self_replace_max_tokens)
+    controller = P2PController(
+        num_sources=num_sources,
+        target_sources=target_index,
+        alignments=alignments,
+        steps=steps,
+        cross_replace=cross_replace,
+        self_replace=self_replace,
+        self_replace_max_tokens=self_replace_max_tokens,
+        local_blend=blend,
+    )
+
+    # A private scheduler: the pipeline's may be shared with other callers.
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    latents = source_latents.to(device=device, dtype=dtype)
+    latents = torch.cat([latents, latents[target_index.to(device)]]) * scheduler.init_noise_sigma
+
+    with attention_control(pipe.unet, controller):
+        for step, t in enumerate(scheduler.timesteps):
+            controller.cur_step = step
+            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            noise = pipe.unet(model_in, t, encoder_hidden_states=context).sample
+            uncond_noise, cond_noise = noise.chunk(2)
+            noise = uncond_noise + guidance_scale * (cond_noise - uncond_noise)
+            latents = scheduler.step(noise, t, latents).prev_sample
+            if blend is not None:
+                latents = blend(latents)
+
+    images = _decode_gray(pipe, latents)
+    return images[:num_sources], images[num_sources:]
+
+
+def p2p_edit(
+    pipe,
+    source_prompt: str,
+    target_prompts: Sequence[str],
+    steps: int = 75,
+    guidance_scale: float = 4.0,
+    cross_replace: float = 0.5,
+    self_replace: float = 0.2,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    edit: str = "refine",
+    local_blend_words: Sequence[str] | None = None,
+    latents: torch.Tensor | None = None,
+    *,
+    blend_threshold: float = 0.3,
+    self_replace_max_tokens: int = 256,
+    image_size: int | None = None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Edit one source generation into every target prompt; all targets share ONE initial latent.
+
+    The latent comes from ``latents`` ([1, C, h, w]) if given, else ``generator``, else ``seed``.
+    Returns (source image, [target image per prompt]), float32 HxW in [0, 1].
+    """
+    if latents is None:
+        latents = seed_latent(pipe, seed, generator, image_size)
+    if latents.ndim == 3:
+        latents = latents[None]
+    if latents.shape[0] != 1:
+        raise ValueError("p2p_edit takes one shared latent [1, C, h, w]; use p2p_edit_variants for several")
+    sources, targets = p2p_generate(
+        pipe, source_prompt, target_prompts, [0] * len(target_prompts), latents,
+        steps=steps, guidance_scale=guidance_scale, cross_replace=cross_replace,
+        self_replace=self_replace, edit=edit, local_blend_words=local_blend_words,
+        blend_threshold=blend_threshold, self_replace_max_tokens=self_replace_max_tokens,
+    )
+    return sources[0], list(targets)
+
+
+def p2p_edit_variants(
+    pipe,
+    source_prompt: str,
+    variants: Sequence[tuple[str, int]],
+    steps: int = 75,
+    guidance_scale: float = 4.0,
+    cross_replace: float = 0.5,
+    self_replace: float = 0.2,
+    edit: str = "refine",
+    local_blend_words: Sequence[str] | None = None,
+    *,
+    blend_threshold: float = 0.3,
+    self_replace_max_tokens: int = 256,
+    image_size: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """IntraAug: N variants ``(target prompt, seed)`` of one report in one batched run.
+
+    Each distinct seed gets its own source generation; returns ``(source image, target image)``
+    per variant, in order.
+    """
+    seeds = list(dict.fromkeys(int(seed) for _, seed in variants))
+    if not seeds:
+        return []
+    source_of = {seed: i for i, seed in enumerate(seeds)}
+    latents = torch.cat([seed_latent(pipe, seed, image_size=image_size) for seed in seeds])
+    sources, targets = p2p_generate(
+        pipe, source_prompt, [prompt for prompt, _ in variants],
+        [source_of[int(seed)] for _, seed in variants], latents,
+        steps=steps, guidance_scale=guidance_scale, cross_replace=cross_replace,
+        self_replace=self_replace, edit=edit, local_blend_words=local_blend_words,
+        blend_threshold=blend_threshold, self_replace_max_tokens=self_replace_max_tokens,
+    )
+    return [(sources[source_of[int(seed)]], targets[j]) for j, (_, seed) in enumerate(variants)]

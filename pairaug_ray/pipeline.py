@@ -1,0 +1,324 @@
+"""The Ray Data jobs, built from a config in numbered steps.
+
+Usage::
+
+    from pairaug_ray.config import load_config
+    from pairaug_ray.pipeline import run_ingest
+    manifest = run_ingest(load_config("jobs/configs/demo.yaml"))
+
+Ingest: 1 list the source on the driver → 2 drop rows a previous run already wrote (resume) →
+3 decode in an actor pool → 4 label → 5 write Parquet shards (studies + quarantine) → 6 the run
+manifest with counts. Only small summary rows come back to the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+
+import pandas as pd
+
+from pairaug_ray import __version__
+from pairaug_ray import schema as S
+from pairaug_ray.config import PairAugConfig, RayConfig, fingerprint, output_fingerprint
+from pairaug_ray.io.sources import list_items
+from pairaug_ray.io.store import Store, content_hash
+from pairaug_ray.stages.base import TIMING_PREFIX
+from pairaug_ray.stages.decode import DecodeStage
+from pairaug_ray.stages.label import LabelStage
+from pairaug_ray.stages.write import WriteConfig, WriteStage
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = dict(address=cfg.address, include_dashboard=False, log_to_driver=True)
+        if cfg.address is None and cfg.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.num_cpus
+        ray.init(**kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    ctx.enable_operator_progress_bars = cfg.progress_bars
+
+
+class Progress:
+    """Counts summary rows as they stream back and prints a line every few seconds."""
+
+    def __init__(self, label: str, total: int, every_s: float = 5.0, stream=sys.stderr):
+        self.label, self.total, self.every_s, self.stream = label, total, every_s, stream
+        self.t0 = self.last = time.perf_counter()
+        self.done = 0
+        self.counts: Counter = Counter()
+
+    def update(self, batch: pd.DataFrame) -> None:
+        self.done += len(batch)
+        self.counts.update(batch["status"].tolist())
+        for cls in batch.loc[batch["status"] == "error", "error_class"]:
+            self.counts[f"error:{cls}"] += 1
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.print()
+
+    def print(self) -> None:
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        errs = self.counts.get("error", 0)
+        of = f"/{self.total}" if self.total >= 0 else ""
+        print(f"[{self.label}] {self.done}{of} rows, {errs} errors, {rate:.2f} rows/s",
+              file=self.stream, flush=True)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def run_ingest(cfg: PairAugConfig) -> dict:
+    import ray
+
+    icfg = cfg.ingest
+    store = Store(icfg.out, cfg.storage)
+    init_ray(cfg.ray)
+
+    # 1. List the source (no pixels: paths, ids and, for IU, report text).
+    items = list_items(icfg.source, cfg.storage)
+
+    # 2. Resume: rows already in the studies or quarantine table are not redone.
+    done = set(store.read_column(S.STUDIES_DIR, "row_id")) | set(store.read_column(S.QUARANTINE_DIR, "row_id"))
+    todo = [it for it in items if it["row_id"] not in done]
+    log.info("ingest %s: %d items, %d already written, %d to do", icfg.source, len(items),
+             len(items) - len(todo), len(todo))
+
+    progress = Progress("ingest", len(todo))
+    if todo:
+        decode = icfg.decode.model_copy(update={"storage": cfg.storage})
+        blocks = max(1, min(len(todo) // max(1, decode.batch_size), 200))
+        ds = ray.data.from_items(todo, override_num_blocks=blocks)
+        # 3. Decode pixels and parse reports in an actor pool.
+        ds = ds.map_batches(DecodeStage, **decode.map_batches_kwargs(DecodeStage))
+        # 4. Label the reports.
+        ds = ds.map_batches(LabelStage, **icfg.label.map_batches_kwargs(LabelStage))
+        # 5. Write studies + quarantine shards; only summaries come back.
+        wcfg = WriteConfig(out=icfg.out, storage=cfg.storage, table=S.STUDIES_DIR, schema_name="study",
+                           **icfg.write.model_dump())
+        ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            progress.update(batch)
+        progress.print()
+
+    # 6. The run manifest.
+    counts = progress.counts
+    manifest = {
+        "job": "ingest",
+        "source": icfg.source,
+        "out": icfg.out,
+        "listed": len(items),
+        "skipped_already_written": len(items) - len(todo),
+        "written": counts.get("ok", 0),
+        "quarantined": counts.get("error", 0),
+        "quarantined_by_class": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("error:")},
+        "totals": {
+            "studies": len(store.read_column(S.STUDIES_DIR, "row_id")),
+            "quarantined": len(store.read_column(S.QUARANTINE_DIR, "row_id")),
+        },
+        "seconds": round(progress.seconds, 2),
+        "rows_per_s": round(len(todo) / progress.seconds, 2) if todo and progress.seconds else None,
+        "config_fingerprint": fingerprint(icfg, exclude={"out", "decode", "label", "write"}) + "-"
+        + fingerprint(icfg.decode, exclude={"batch_size", "min_actors", "max_actors", "num_cpus",
+                                            "num_gpus", "accelerator_type", "resources", "storage"}),
+        "version": __version__,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    store.write_json(S.MANIFEST_FILE, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+PLAN_COLUMNS = ["row_id", "study_id", "patient_id", "split", "view_position", "report"]
+
+
+def pair_seed(source_row_id: str, branch: str, variant: int, seed: int) -> int:
+    return int(content_hash([source_row_id, branch, str(variant), str(seed)], n=15), 16) % (2**31 - 1)
+
+
+def plan_candidates(batch: pd.DataFrame, *, acfg_json: str, fp: str, done: frozenset) -> pd.DataFrame:
+    """Study rows → one row per planned candidate (branch × variant), minus those already written."""
+    from pairaug_ray.config import AugmentConfig
+
+    acfg = AugmentConfig.model_validate_json(acfg_json)
+    rows = []
+    for study in batch.to_dict("records"):
+        for branch, n in (("inter", acfg.inter_variants), ("intra", acfg.intra_variants)):
+            for v in range(n):
+                seed = pair_seed(study["row_id"], branch, v, acfg.seed)
+                pair_id = content_hash([study["row_id"], branch, str(v), fp, str(seed)], n=24)
+                if pair_id in done:
+                    continue
+                rows.append({
+                    "row_id": pair_id, "pair_id": pair_id, "branch": branch, "variant": v,
+                    "seed": seed, "source_row_id": study["row_id"], "study_id": study["study_id"],
+                    "patient_id": study["patient_id"], "split": study["split"],
+                    "view_position": study["view_position"], "report": study["report"],
+                    "config_fingerprint": fp, "code_version": __version__, "status": "ok",
+                    "error_class": "", "error": "", "stage": "",
+                })
+    return pd.DataFrame(rows, columns=None if rows else ["row_id", "branch", "status", "error_class",
+                                                         "error", "stage"])
+
+
+def _stage_throughput(totals: dict[str, float], rows: dict[str, int]) -> dict:
+    return {stage.removeprefix(TIMING_PREFIX): {
+        "busy_seconds": round(sec, 2),
+        "rows_per_busy_s": round(rows[stage] / sec, 2) if sec else None,
+    } for stage, sec in sorted(totals.items())}
+
+
+class _StageClock:
+    """Sums the per-row ``_sec_<stage>`` columns of the summaries streaming back."""
+
+    def __init__(self):
+        self.seconds: Counter = Counter()
+        self.rows: Counter = Counter()
+
+    def update(self, batch: pd.DataFrame) -> None:
+        for col in batch.columns:
+            if col.startswith(TIMING_PREFIX):
+                vals = pd.to_numeric(batch[col], errors="coerce")
+                self.seconds[col] += float(vals.sum(skipna=True))
+                self.rows[col] += int(vals.notna().sum())
+
+
+def run_augment(cfg: PairAugConfig) -> dict:
+    import ray
+
+    from pairaug_ray.stages.edit import EditStage
+    from pairaug_ray.stages.generate import GenerateStage
+    from pairaug_ray.stages.prune import apply_prune, intra_means
+    from pairaug_ray.stages.rewrite import RewriteStage
+    from pairaug_ray.stages.score import ScoreStage
+
+    acfg = cfg.augment
+    studies = Store(acfg.studies, cfg.storage)
+    store = Store(acfg.out, cfg.storage)
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    fp = output_fingerprint(acfg.rewrite, acfg.generate, acfg.edit, acfg.score)
+
+    # 1. Studies to augment: the configured splits of the ingest table (no pixels read here).
+    src = studies.ray_dataset(S.STUDIES_DIR, columns=PLAN_COLUMNS)
+    if src is None:
+        raise FileNotFoundError(f"no studies table under {acfg.studies}: run `pairaug ingest` first")
+    splits = set(acfg.splits)
+    src = src.filter(lambda r: r["split"] in splits or (not r["split"] and "" in splits))
+    if acfg.limit:
+        src = src.limit(acfg.limit)
+
+    # 2. Plan candidates with deterministic pair ids; drop those a previous run wrote (resume).
+    done = frozenset(store.read_column(S.CANDIDATES_DIR, "pair_id")) | frozenset(
+        store.read_column(S.QUARANTINE_DIR, "row_id"))
+    per_study = acfg.inter_variants + acfg.intra_variants
+    planned = src.map_batches(plan_candidates, batch_format="pandas", batch_size=16, num_cpus=0.25,
+                              fn_kwargs={"acfg_json": acfg.model_dump_json(), "fp": fp, "done": done})
+
+    # 3-6. Rewrite → InterAug generate → IntraAug edit → score, each an actor pool.
+    ds = planned.map_batches(RewriteStage, **acfg.rewrite.map_batches_kwargs(RewriteStage))
+    ds = ds.map_batches(GenerateStage, **acfg.generate.map_batches_kwargs(GenerateStage))
+    ds = ds.map_batches(EditStage, **acfg.edit.map_batches_kwargs(EditStage))
+    ds = ds.map_batches(ScoreStage, **acfg.score.map_batches_kwargs(ScoreStage))
+
+    # 7. Write every scored candidate (pass 1 of pruning needs them persisted) + quarantine.
+    wcfg = WriteConfig(out=acfg.out, storage=cfg.storage, table=S.CANDIDATES_DIR, schema_name="pair",
+                       summary_columns=["branch"], **acfg.write.model_dump())
+    ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
+    progress = Progress("augment", -1)
+    clock = _StageClock()
+    by_branch: Counter = Counter()
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        progress.update(batch)
+        clock.update(batch)
+        for (branch, status), n in batch.groupby(["branch", "status"]).size().items():
+            by_branch[f"{branch}:{status}"] += int(n)
+    progress.print()
+    pass1_s = time.perf_counter() - t0
+
+    # 8. Pruning pass 1: global IntraAug means over the whole persisted candidate table.
+    score_cols = ["pair_id", "branch", "status", "score_align", "score_delta", "score_img"]
+    scores = store.read_table(S.CANDIDATES_DIR, columns=score_cols)
+    if scores is None:
+        raise RuntimeError(f"no candidates were written under {acfg.out}; see the quarantine table")
+    means = intra_means(store.ray_dataset(S.CANDIDATES_DIR, columns=score_cols))
+
+    # 9. Pruning pass 2: keep/prune each candidate; the kept ones are the training pairs.
+    pruned = apply_prune(scores.to_pandas(), means, acfg.prune)
+    kept_ids = set(pruned.loc[pruned["kept"], "pair_id"])
+    already = set(store.read_column(S.PAIRS_DIR, "pair_id"))
+    to_write = kept_ids - already
+    if to_write:
+        reasons = dict(zip(pruned["pair_id"], pruned["prune_reason"]))
+        cands = store.ray_dataset(S.CANDIDATES_DIR)
+        pcfg = WriteConfig(out=acfg.out, storage=cfg.storage, table=S.PAIRS_DIR, schema_name="pair",
+                           summary_columns=["branch"], **acfg.write.model_dump())
+        sel = cands.map_batches(_select_kept, batch_format="pandas",
+                                fn_kwargs={"ids": frozenset(to_write), "reasons": reasons}, num_cpus=0.25)
+        sel = sel.map_batches(WriteStage, **pcfg.map_batches_kwargs(WriteStage))
+        for _ in sel.iter_batches(batch_format="pandas", batch_size=None):
+            pass
+
+    # 10. Manifest and visual report.
+    branch_counts = {}
+    for branch in ("inter", "intra"):
+        b = pruned[pruned["branch"] == branch]
+        branch_counts[branch] = {
+            "candidates": int(len(b)),
+            "kept": int(b["kept"].sum()),
+            "pruned": int((~b["kept"]).sum()),
+            "this_run_written": by_branch.get(f"{branch}:ok", 0),
+            "this_run_errors": by_branch.get(f"{branch}:error", 0),
+        }
+    quarantine = store.read_table(S.QUARANTINE_DIR, columns=["stage", "error_class"])
+    errors = Counter()
+    if quarantine is not None:
+        for stage, cls in zip(quarantine.column("stage").to_pylist(), quarantine.column("error_class").to_pylist()):
+            errors[f"{stage}:{cls}"] += 1
+    total_s = time.perf_counter() - t0
+    manifest = {
+        "job": "augment",
+        "studies": acfg.studies,
+        "out": acfg.out,
+        "config_fingerprint": fp,
+        "version": __version__,
+        "per_study": {"inter": acfg.inter_variants, "intra": acfg.intra_variants},
+        "skipped_already_written": len(done),
+        "this_run_rows": progress.done,
+        "branches": branch_counts,
+        "pairs_total": len(kept_ids),
+        "errors_by_stage_class": dict(sorted(errors.items())),
+        "intra_means": means,
+        "prune": acfg.prune.model_dump(),
+        "stage_throughput": _stage_throughput(clock.seconds, clock.rows),
+        "seconds": {"generate_and_score": round(pass1_s, 2), "total": round(total_s, 2)},
+        "pairs_per_s": round(progress.counts.get("ok", 0) / pass1_s, 3) if pass1_s else None,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if acfg.report:
+        from pairaug_ray.report import write_report
+
+        manifest["report"] = store.uri_of(write_report(
+            store, studies, inter_threshold=acfg.prune.inter_threshold,
+            intra_margin=acfg.prune.intra_margin, intra_means=means))
+    store.write_json(S.MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _select_kept(batch: pd.DataFrame, ids: frozenset, reasons: dict) -> pd.DataFrame:
+    out = batch[batch["pair_id"].isin(ids)].copy()
+    out["kept"] = True
+    out["prune_reason"] = [reasons.get(p, "") for p in out["pair_id"]]
+    return out

@@ -1,0 +1,173 @@
+"""The stage contract: a config with the actor pool's resources + a row-accounting Ray Data UDF.
+
+Usage::
+
+    class MyConfig(StageConfig):
+        model: str = "tiny://sd"
+
+    class MyStage(RowStage):
+        def __init__(self, config: MyConfig):
+            super().__init__(config)
+            self.model = load(config.model)          # once per actor
+
+        def process(self, rows):                     # one entry per input row
+            return [[{**r, "out": f(r)}] for r in rows]
+
+    ds = ds.map_batches(MyStage, **cfg.map_batches_kwargs(MyStage))
+
+Every input row comes out exactly once: as >= 1 result rows (fan-out is allowed) or as one error
+row (``status="error"`` with ``error_class``, ``error`` and ``stage``). Rows that arrive with
+``status="error"`` skip the stage untouched. ``RowStage.__call__`` enforces this; a stage that
+returns the wrong number of entries is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+ERROR_COLUMNS = ("status", "error_class", "error", "stage")
+TIMING_PREFIX = "_sec_"
+
+
+class StageError(Exception):
+    """A classified, expected per-row failure (bad input, rejected output)."""
+
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class StageConfig(BaseModel):
+    """Resources of a stage's actor pool. Every stage config subclasses this."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    batch_size: int = Field(8, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    def map_batches_kwargs(self, udf: type, **extra: Any) -> dict[str, Any]:
+        """Keyword arguments for ``Dataset.map_batches(udf, **kwargs)``."""
+        import ray.data
+
+        kwargs: dict[str, Any] = dict(
+            fn_constructor_kwargs={"config": self},
+            batch_size=self.batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=self.min_actors, max_size=max(self.min_actors, self.max_actors)
+            ),
+            num_cpus=self.num_cpus,
+        )
+        if self.num_gpus:
+            kwargs["num_gpus"] = self.num_gpus
+        if self.accelerator_type:
+            kwargs["accelerator_type"] = self.accelerator_type
+        if self.resources:
+            kwargs["resources"] = dict(self.resources)
+        kwargs.update(extra)
+        return kwargs
+
+
+def error_row(row: dict, stage: str, exc: BaseException) -> dict:
+    """The error row for ``row``: everything the row had plus the reason."""
+    error_class = getattr(exc, "error_class", None) or type(exc).__name__
+    return {
+        **row,
+        "status": STATUS_ERROR,
+        "error_class": str(error_class),
+        "error": str(exc) or repr(exc),
+        "stage": stage,
+    }
+
+
+class RowStage:
+    """Base Ray Data UDF: subclasses implement ``process``; ``__call__`` keeps the books."""
+
+    name: str = "stage"
+
+    def __init__(self, config: StageConfig):
+        self.config = config
+        self.rows_in = 0
+        self.seconds = 0.0
+
+    def process(self, rows: list[dict]) -> list[list[dict] | BaseException]:
+        raise NotImplementedError
+
+    def _process_checked(self, rows: list[dict]) -> list[list[dict] | BaseException]:
+        try:
+            results = self.process(rows)
+        except Exception as batch_exc:  # noqa: BLE001 - isolate the failing rows one by one
+            if len(rows) == 1:
+                log.debug("stage %s failed on a row:\n%s", self.name, traceback.format_exc())
+                return [batch_exc]
+            results = []
+            for row in rows:
+                results.extend(self._process_checked([row]))
+            return results
+        if len(results) != len(rows):
+            raise RuntimeError(
+                f"stage {self.name} returned {len(results)} results for {len(rows)} rows"
+            )
+        for res in results:
+            if not isinstance(res, BaseException) and (not isinstance(res, list) or not res):
+                raise RuntimeError(f"stage {self.name} returned an empty result for a row")
+        return results
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        rows = batch.to_dict("records")
+        if "status" not in batch.columns:
+            for r in rows:
+                r["status"] = STATUS_OK
+        todo = [i for i, r in enumerate(rows) if r.get("status") != STATUS_ERROR]
+        results = self._process_checked([rows[i] for i in todo]) if todo else []
+        by_index = dict(zip(todo, results))
+        out: list[dict] = []
+        for i, row in enumerate(rows):
+            if i not in by_index:
+                out.append(row)
+            elif isinstance(by_index[i], BaseException):
+                out.append(error_row(row, self.name, by_index[i]))
+            else:
+                out.extend(by_index[i])
+        elapsed = time.perf_counter() - t0
+        self.rows_in += len(rows)
+        self.seconds += elapsed
+        frame = rows_to_frame(out)
+        # Per-row share of this batch's time, summed by the driver into per-stage throughput.
+        frame[f"{TIMING_PREFIX}{self.name}"] = elapsed / max(len(frame), 1)
+        return frame
+
+
+def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows → DataFrame with the error columns always present and never null."""
+    frame = pd.DataFrame.from_records(rows)
+    # Empty strings rather than nulls: an all-null column in one block and strings in the next
+    # would give blocks with different Arrow schemas.
+    for col in ERROR_COLUMNS:
+        default = STATUS_OK if col == "status" else ""
+        if col not in frame.columns:
+            frame[col] = default
+        else:
+            frame[col] = frame[col].fillna(default).astype(str)
+    return frame
+
+
+def is_error(batch: pd.DataFrame) -> np.ndarray:
+    return (batch["status"] == STATUS_ERROR).to_numpy() if "status" in batch else np.zeros(len(batch), bool)

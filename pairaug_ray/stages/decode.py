@@ -1,0 +1,103 @@
+"""Ingest stage: read an item's image and report, decode pixels to a PNG, parse the report.
+
+Usage::
+
+    cfg = DecodeConfig(image_size=256, id_key=os.environ["PAIRAUG_ID_KEY"])
+    ds = items.map_batches(DecodeStage, **cfg.map_batches_kwargs(DecodeStage))
+
+Errors are classified (``io/dicom.py``'s classes, ``unreadable`` for a missing file,
+``missing_report``, ``non_frontal_view`` when ``frontal_only``) and become error rows that end in
+the quarantine table. Only pixel data, ids, view position, modality and report text leave here.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pairaug_ray.io import dicom
+from pairaug_ray.io.reports import parse_report
+from pairaug_ray.io.store import StorageConfig, read_bytes
+from pairaug_ray.stages.base import RowStage, StageConfig, StageError
+
+FRONTAL_VIEWS = ("PA", "AP", "PA LLD", "AP AXIAL", "AP LLD", "POSTERO_ANTERIOR", "ANTERO_POSTERIOR")
+
+
+class DecodeConfig(StageConfig):
+    image_size: int = Field(256, ge=16)
+    id_key: str = "pairaug-change-me"
+    frontal_only: bool = True
+    png_bits: int = Field(16, description="8 or 16")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    num_cpus: float = 0.5
+
+
+class DecodeStage(RowStage):
+    name = "decode"
+
+    def __init__(self, config: DecodeConfig):
+        super().__init__(config)
+        self.cfg = config
+
+    def process(self, rows: list[dict]) -> list:
+        out = []
+        for row in rows:
+            try:
+                out.append([self._one(row)])
+            except Exception as exc:  # noqa: BLE001 - classified below, never crashes the job
+                out.append(exc if isinstance(exc, (StageError, dicom.DecodeError)) else
+                           StageError("unreadable", f"{type(exc).__name__}: {exc}"))
+        return out
+
+    def _read(self, uri: str) -> bytes:
+        try:
+            return read_bytes(uri, self.cfg.storage)
+        except FileNotFoundError as exc:
+            raise StageError("unreadable", f"file not found: {uri}") from exc
+        except OSError as exc:
+            raise StageError("unreadable", f"cannot read {uri}: {exc}") from exc
+
+    def _one(self, row: dict) -> dict:
+        report_text = row.get("report") or ""
+        image = None
+        if int(row.get("phantom_index", -1)) >= 0:
+            from pairaug_ray import phantom
+
+            size = int(row["phantom_size"]) if int(row.get("phantom_size", -1)) > 0 else self.cfg.image_size
+            st = phantom.study(int(row["phantom_index"]), seed=int(row["phantom_seed"]), size=size,
+                               report_source=row.get("phantom_reports") or "auto")
+            image = dicom.decode_dicom(st.dicom, size=self.cfg.image_size, id_key=self.cfg.id_key)
+            report_text = st.report
+            row = {**row, "study_id": st.study_id, "patient_id": st.patient_id, "split": st.split,
+                   "image_id": st.dicom_id}
+        elif row.get("image_uri"):
+            data = self._read(row["image_uri"])
+            image = dicom.decode_any(data, name=row["image_uri"], size=self.cfg.image_size,
+                                     id_key=self.cfg.id_key)
+        if row.get("report_uri") and not report_text:
+            try:
+                report_text = self._read(row["report_uri"]).decode("utf-8", errors="replace")
+            except StageError as exc:
+                raise StageError("missing_report", f"report not found: {row['report_uri']}") from exc
+        if not report_text.strip():
+            raise StageError("missing_report", "the study has no report text")
+        report = parse_report(report_text, name=row.get("report_uri", ""))
+
+        view = (row.get("view_position") or (image.view_position if image else "") or "").upper()
+        if self.cfg.frontal_only and view and view not in FRONTAL_VIEWS:
+            raise StageError("non_frontal_view", f"view position {view} is not frontal (PA/AP)")
+        return {
+            "row_id": row["row_id"],
+            "study_id": row.get("study_id") or (image.study_pid if image else "") or "",
+            "patient_id": row.get("patient_id") or (image.patient_pid if image else "") or "",
+            "image_id": row.get("image_id") or row["row_id"],
+            "split": row.get("split", ""),
+            "view_position": view,
+            "modality": (image.modality or "") if image else "",
+            "bits_stored": int(image.bits_stored) if image else 0,
+            "image_png": dicom.encode_png(image.pixels, bits=self.cfg.png_bits) if image else b"",
+            "report": report.text,
+            "findings_text": report.findings,
+            "impression_text": report.impression,
+            "source_uri": row["source_uri"],
+            "status": "ok",
+        }

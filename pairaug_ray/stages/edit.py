@@ -1,0 +1,123 @@
+"""IntraAug image stage: edit the source report's generation into each rewrite with prompt-to-prompt.
+
+Usage::
+
+    cfg = EditConfig(model="tiny://sd?size=64", steps=10, batch_size=16)
+    ds = pairs.map_batches(EditStage, **cfg.map_batches_kwargs(EditStage))
+
+Rows of branch ``"intra"`` need ``report`` (the source text), ``rewritten_report``, ``seed`` and
+``pair_id``. The rows of one source report in a batch (its variants) go through one batched
+prompt-to-prompt run (``p2p_edit_variants``: one UNet call per step for all of them). Each row comes
+out with ``image_png`` (the edited image), ``source_image_png`` (the source report's generation from
+the same seed, the reference of the Δimage score) and ``generator_model``. A row's images depend
+only on its own report, rewrite and seed, never on which rows share its batch. Other rows pass
+through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pairaug_ray.io.dicom import encode_png
+from pairaug_ray.models.diffusion import load_sd_pipeline
+from pairaug_ray.models.p2p import p2p_edit_variants
+from pairaug_ray.stages.base import RowStage, StageConfig, StageError
+from pairaug_ray.stages.generate import truncate_prompt
+
+BRANCH = "intra"
+
+
+class EditConfig(StageConfig):
+    model: str = Field("tiny://sd", description="tiny://sd?..., a local diffusers folder or a hub id")
+    steps: int = Field(75, ge=1, description="DDIM steps (the reference: 75)")
+    guidance_scale: float = Field(4.0, ge=0)
+    cross_replace: float = Field(0.5, ge=0, le=1, description="fraction of steps with cross-attention control")
+    self_replace: float = Field(0.2, ge=0, le=1, description="fraction of steps with self-attention control")
+    edit: Literal["refine", "replace"] = "refine"
+    self_replace_max_tokens: int = Field(256, ge=1, description="only layers with <= this many positions")
+    blend_words: list[str] = Field(default_factory=list, description="LocalBlend words; empty = off")
+    blend_threshold: float = Field(0.3, ge=0, le=1)
+    image_size: int | None = Field(None, ge=8, description="pixels; None = the model's native size")
+    max_variants_per_call: int = Field(16, ge=1, description="caps the UNet batch (2 per variant per CFG half)")
+    png_bits: int = Field(16, description="8 or 16")
+    device: str = Field("auto", description='"auto" = cuda when the stage has GPUs, else cpu')
+    dtype: str = Field("auto", description='"auto" = float16 on cuda, float32 on cpu')
+
+
+def _seed_of(row: dict) -> int | None:
+    seed = row.get("seed")
+    if seed is None or isinstance(seed, float) and not np.isfinite(seed):
+        return None
+    return int(seed)
+
+
+class EditStage(RowStage):
+    name = "edit"
+
+    def __init__(self, config: EditConfig):
+        super().__init__(config)
+        self.cfg = config
+        device = config.device
+        if device == "auto":
+            device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.pipe = load_sd_pipeline(config.model, device=device, dtype=config.dtype)
+
+    def _prompt(self, text: str) -> str:
+        return truncate_prompt(self.pipe.tokenizer, text)
+
+    def edit(self, report: str, variants: list[tuple[str, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(source image, edited image) per ``(rewritten report, seed)`` of one source report."""
+        cfg = self.cfg
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, len(variants), cfg.max_variants_per_call):
+            chunk = variants[start : start + cfg.max_variants_per_call]
+            out += p2p_edit_variants(
+                self.pipe,
+                self._prompt(report),
+                [(self._prompt(text), seed) for text, seed in chunk],
+                steps=cfg.steps,
+                guidance_scale=cfg.guidance_scale,
+                cross_replace=cfg.cross_replace,
+                self_replace=cfg.self_replace,
+                edit=cfg.edit,
+                local_blend_words=cfg.blend_words or None,
+                blend_threshold=cfg.blend_threshold,
+                self_replace_max_tokens=cfg.self_replace_max_tokens,
+                image_size=cfg.image_size,
+            )
+        return out
+
+    def process(self, rows: list[dict]) -> list:
+        results: list = [[row] for row in rows]  # non-intra rows pass through
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row.get("branch") != BRANCH:
+                continue
+            report, rewrite = row.get("report"), row.get("rewritten_report")
+            if not isinstance(report, str) or not report.strip():
+                results[i] = StageError("missing_report", "intra row has no source report text")
+            elif not isinstance(rewrite, str) or not rewrite.strip():
+                results[i] = StageError("missing_report", "intra row has no rewritten_report text")
+            elif _seed_of(row) is None:
+                results[i] = StageError("missing_seed", "intra row has no seed")
+            else:
+                groups.setdefault(report, []).append(i)
+        for report, members in groups.items():
+            try:
+                pairs = self.edit(report, [(rows[i]["rewritten_report"], _seed_of(rows[i])) for i in members])
+            except Exception as exc:  # noqa: BLE001 - one study's failure must not sink the batch
+                for i in members:
+                    results[i] = exc
+                continue
+            for i, (source, edited) in zip(members, pairs):
+                results[i] = [{
+                    **rows[i],
+                    "image_png": encode_png(edited, bits=self.cfg.png_bits),
+                    "source_image_png": encode_png(source, bits=self.cfg.png_bits),
+                    "generator_model": self.cfg.model,
+                }]
+        return results

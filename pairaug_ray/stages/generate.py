@@ -1,0 +1,126 @@
+"""InterAug image stage: draw a new radiograph for each rewritten report (text -> image).
+
+Usage::
+
+    cfg = GenerateConfig(model="tiny://sd?size=64", steps=10, batch_size=8)
+    ds = pairs.map_batches(GenerateStage, **cfg.map_batches_kwargs(GenerateStage))
+
+Rows of branch ``"inter"`` need ``pair_id``, ``seed`` and ``rewritten_report``; they come out with
+``image_png`` (the generated image, grayscale PNG) and ``generator_model``. Other rows pass
+through unchanged. A batch is one pipeline call, but every row draws its initial noise from its
+own generator seeded with the row's ``seed``, so a row's image does not depend on which rows
+share its batch (the reproducibility that resumable, re-runnable jobs rely on).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pairaug_ray.io.dicom import encode_png
+from pairaug_ray.models.diffusion import load_sd_pipeline, to_grayscale
+from pairaug_ray.stages.base import RowStage, StageConfig, StageError
+
+BRANCH = "inter"
+
+
+class GenerateConfig(StageConfig):
+    model: str = Field("tiny://sd", description="tiny://sd?..., a local diffusers folder or a hub id")
+    steps: int = Field(50, ge=1, description="DDIM steps (the reference uses 50)")
+    guidance_scale: float = Field(4.0, ge=0)
+    image_size: int | None = Field(None, ge=8, description="pixels; None = the model's native size")
+    negative_prompt: str = ""
+    max_prompt_words: int | None = Field(None, ge=1, description="cap before token truncation")
+    png_bits: int = Field(16, description="8 or 16")
+    device: str = Field("auto", description='"auto" = cuda when the stage has GPUs, else cpu')
+    dtype: str = Field("auto", description='"auto" = float16 on cuda, float32 on cpu')
+
+
+def truncate_prompt(tokenizer, text: str, max_words: int | None = None) -> str:
+    """``text`` cut (at a word boundary when possible) to fit the text encoder's context."""
+    text = " ".join(text.split()[:max_words] if max_words else text.split())
+    limit = tokenizer.model_max_length - 2  # room for the start and end tokens
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= limit:
+        return text
+    cut = enc["offset_mapping"][limit][0]
+    head = text[:cut]
+    if cut > 0 and not text[cut - 1].isspace() and not text[cut].isspace():
+        # the cut falls inside a word: drop the partial word when there is a whole one before it
+        head = head.rsplit(" ", 1)[0] if " " in head else head
+    return head.rstrip()
+
+
+def _generator(seed: int) -> torch.Generator:
+    # CPU generators make the initial noise, and so the image, the same on CPU and GPU workers.
+    return torch.Generator("cpu").manual_seed(int(seed) % 2**63)
+
+
+class ImageGenerator:
+    """A loaded text-to-image pipeline: prompts + seeds -> grayscale float32 images in [0,1]."""
+
+    def __init__(self, config: GenerateConfig):
+        self.config = config
+        device = config.device
+        if device == "auto":
+            device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.pipe = load_sd_pipeline(config.model, device=device, dtype=config.dtype)
+        native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.image_size = config.image_size or native
+
+    def prompt(self, report: str) -> str:
+        return truncate_prompt(self.pipe.tokenizer, report, self.config.max_prompt_words)
+
+    @torch.no_grad()
+    def generate(self, reports: list[str], seeds: list[int]) -> list[np.ndarray]:
+        if len(reports) != len(seeds):
+            raise ValueError(f"{len(reports)} reports but {len(seeds)} seeds")
+        if not reports:
+            return []
+        negative = self.config.negative_prompt
+        out = self.pipe(
+            prompt=[self.prompt(r) for r in reports],
+            negative_prompt=[negative] * len(reports) if negative else None,
+            generator=[_generator(s) for s in seeds],
+            num_inference_steps=self.config.steps,
+            guidance_scale=self.config.guidance_scale,
+            height=self.image_size,
+            width=self.image_size,
+            output_type="np",
+        )
+        return [to_grayscale(image) for image in out.images]
+
+
+class GenerateStage(RowStage):
+    name = "generate"
+
+    def __init__(self, config: GenerateConfig):
+        super().__init__(config)
+        self.cfg = config
+        self.generator = ImageGenerator(config)
+
+    def process(self, rows: list[dict]) -> list:
+        results: list = [[row] for row in rows]  # non-inter rows pass through
+        todo, reports, seeds = [], [], []
+        for i, row in enumerate(rows):
+            if row.get("branch") != BRANCH:
+                continue
+            report, seed = row.get("rewritten_report"), row.get("seed")
+            if not isinstance(report, str) or not report.strip():
+                results[i] = StageError("missing_report", "inter row has no rewritten_report text")
+            elif seed is None or isinstance(seed, float) and not np.isfinite(seed):
+                results[i] = StageError("missing_seed", "inter row has no seed")
+            else:
+                todo.append(i)
+                reports.append(report)
+                seeds.append(int(seed))
+        images = self.generator.generate(reports, seeds)
+        for i, image in zip(todo, images):
+            results[i] = [{
+                **rows[i],
+                "image_png": encode_png(image, bits=self.cfg.png_bits),
+                "generator_model": self.cfg.model,
+            }]
+        return results
