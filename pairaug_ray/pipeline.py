@@ -19,6 +19,8 @@ import time
 from collections import Counter
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pairaug_ray import __version__
 from pairaug_ray import schema as S
@@ -211,14 +213,17 @@ def run_augment(cfg: PairAugConfig) -> dict:
     t0 = time.perf_counter()
     fp = output_fingerprint(acfg.rewrite, acfg.generate, acfg.edit, acfg.score)
 
-    # 1. Studies to augment: the configured splits of the ingest table (no pixels read here).
-    src = studies.ray_dataset(S.STUDIES_DIR, columns=PLAN_COLUMNS)
-    if src is None:
+    # 1. Studies to augment: the configured splits of the ingest table, text columns only (no
+    #    pixels), read on the driver: a Ray read's file-listing task wants a whole CPU, which a
+    #    small cluster with the stage pools already placed does not have.
+    table = studies.read_table(S.STUDIES_DIR, columns=PLAN_COLUMNS)
+    if table is None:
         raise FileNotFoundError(f"no studies table under {acfg.studies}: run `pairaug ingest` first")
-    splits = set(acfg.splits)
-    src = src.filter(lambda r: r["split"] in splits or (not r["split"] and "" in splits))
+    table = table.filter(pc.is_in(table.column("split"), pa.array(acfg.splits, pa.string())))
     if acfg.limit:
-        src = src.limit(acfg.limit)
+        table = table.slice(0, acfg.limit)
+    chunk = 16
+    src = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)])
 
     # 2. Plan candidates with deterministic pair ids; drop those a previous run wrote (resume).
     done = frozenset(store.read_column(S.CANDIDATES_DIR, "pair_id")) | frozenset(
@@ -249,7 +254,7 @@ def run_augment(cfg: PairAugConfig) -> dict:
     pass1_s = time.perf_counter() - t0
 
     # 8. Pruning pass 1: global IntraAug means over the whole persisted candidate table.
-    score_cols = ["pair_id", "branch", "status", "score_align", "score_delta", "score_img"]
+    score_cols = ["pair_id", "branch", "score_align", "score_delta", "score_img"]
     scores = store.read_table(S.CANDIDATES_DIR, columns=score_cols)
     if scores is None:
         raise RuntimeError(f"no candidates were written under {acfg.out}; see the quarantine table")

@@ -65,7 +65,9 @@ class TokenAlignment:
     alphas: torch.Tensor  # float [max_len]: 1 = take the source's map, 0 = new token, keep own
 
 
-def replace_alignment(source_ids: Sequence[int], target_ids: Sequence[int], max_len: int) -> TokenAlignment:
+def replace_alignment(
+    source_ids: Sequence[int], target_ids: Sequence[int], max_len: int
+) -> TokenAlignment:
     """Identity alignment for ``replace``: both prompts must have the same number of tokens."""
     if len(source_ids) != len(target_ids):
         raise ValueError(
@@ -75,7 +77,9 @@ def replace_alignment(source_ids: Sequence[int], target_ids: Sequence[int], max_
     return TokenAlignment(torch.arange(max_len), torch.ones(max_len))
 
 
-def refine_alignment(source_ids: Sequence[int], target_ids: Sequence[int], max_len: int) -> TokenAlignment:
+def refine_alignment(
+    source_ids: Sequence[int], target_ids: Sequence[int], max_len: int
+) -> TokenAlignment:
     """Word-level alignment of two token sequences (both with their special tokens, unpadded).
 
     Tokens in matching blocks take the source token's attention; inserted or substituted tokens keep
@@ -95,8 +99,10 @@ def refine_alignment(source_ids: Sequence[int], target_ids: Sequence[int], max_l
     return TokenAlignment(mapper, alphas)
 
 
-def word_token_mask(word_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], max_len: int) -> torch.Tensor:
-    """float [max_len]: 1 at every position of ``prompt_ids`` where one of the words' token runs occurs."""
+def word_token_mask(
+    word_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], max_len: int
+) -> torch.Tensor:
+    """float [max_len]: 1 wherever one of the words' token runs occurs in ``prompt_ids``."""
     mask = torch.zeros(max_len)
     ids = list(prompt_ids)
     for run in word_ids:
@@ -283,7 +289,9 @@ class P2PAttnProcessor:
                 attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
                 attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
             head_dim = key.shape[-1] // attn.heads
-            query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+            query, key, value = (
+                x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
+            )
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
@@ -317,7 +325,10 @@ def attention_control(unet: torch.nn.Module, controller: P2PController) -> Itera
 def _tokenize(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, list[list[int]]]:
     """Padded ids [n, max_len] for the text encoder and the unpadded id lists for alignment."""
     tok = pipe.tokenizer
-    enc = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    enc = tok(
+        list(prompts), padding="max_length", max_length=tok.model_max_length,
+        truncation=True, return_tensors="pt",
+    )
     lengths = enc.attention_mask.sum(-1).tolist()
     unpadded = [ids[:n].tolist() for ids, n in zip(enc.input_ids, lengths)]
     return enc.input_ids, unpadded
@@ -336,7 +347,12 @@ def _latent_shape(pipe, image_size: int | None) -> tuple[int, int, int]:
     return pipe.unet.config.in_channels, size // scale, size // scale
 
 
-def seed_latent(pipe, seed: int | None = None, generator: torch.Generator | None = None, image_size: int | None = None) -> torch.Tensor:
+def seed_latent(
+    pipe,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    image_size: int | None = None,
+) -> torch.Tensor:
     """[1, C, h, w] float32 initial noise from a CPU generator (device-independent per seed)."""
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(int(seed or 0) % 2**63)
@@ -458,7 +474,9 @@ def p2p_edit(
     if latents.ndim == 3:
         latents = latents[None]
     if latents.shape[0] != 1:
-        raise ValueError("p2p_edit takes one shared latent [1, C, h, w]; use p2p_edit_variants for several")
+        raise ValueError(
+            "p2p_edit takes one shared latent [1, C, h, w]; use p2p_edit_variants for several"
+        )
     sources, targets = p2p_generate(
         pipe, source_prompt, target_prompts, [0] * len(target_prompts), latents,
         steps=steps, guidance_scale=guidance_scale, cross_replace=cross_replace,

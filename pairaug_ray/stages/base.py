@@ -158,6 +158,10 @@ class RowStage:
 def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows → DataFrame with the error columns always present and never null."""
     frame = pd.DataFrame.from_records(rows)
+    # Rows of another branch lack a stage's binary columns (NaN there); Arrow needs None.
+    for col in frame.columns:
+        if frame[col].dtype == object and any(isinstance(v, (bytes, bytearray)) for v in frame[col]):
+            frame[col] = [v if isinstance(v, (bytes, bytearray)) else None for v in frame[col]]
     # Empty strings rather than nulls: an all-null column in one block and strings in the next
     # would give blocks with different Arrow schemas.
     for col in ERROR_COLUMNS:

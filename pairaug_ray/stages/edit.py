@@ -35,14 +35,14 @@ class EditConfig(StageConfig):
     model: str = Field("tiny://sd", description="tiny://sd?..., a local diffusers folder or a hub id")
     steps: int = Field(75, ge=1, description="DDIM steps (the reference: 75)")
     guidance_scale: float = Field(4.0, ge=0)
-    cross_replace: float = Field(0.5, ge=0, le=1, description="fraction of steps with cross-attention control")
-    self_replace: float = Field(0.2, ge=0, le=1, description="fraction of steps with self-attention control")
+    cross_replace: float = Field(0.5, ge=0, le=1, description="steps fraction, cross-attn control")
+    self_replace: float = Field(0.2, ge=0, le=1, description="steps fraction, self-attn control")
     edit: Literal["refine", "replace"] = "refine"
-    self_replace_max_tokens: int = Field(256, ge=1, description="only layers with <= this many positions")
+    self_replace_max_tokens: int = Field(256, ge=1, description="layers with <= this many positions")
     blend_words: list[str] = Field(default_factory=list, description="LocalBlend words; empty = off")
     blend_threshold: float = Field(0.3, ge=0, le=1)
     image_size: int | None = Field(None, ge=8, description="pixels; None = the model's native size")
-    max_variants_per_call: int = Field(16, ge=1, description="caps the UNet batch (2 per variant per CFG half)")
+    max_variants_per_call: int = Field(16, ge=1, description="caps the UNet batch (<= 4 per variant)")
     png_bits: int = Field(16, description="8 or 16")
     device: str = Field("auto", description='"auto" = cuda when the stage has GPUs, else cpu')
     dtype: str = Field("auto", description='"auto" = float16 on cuda, float32 on cpu')
@@ -108,7 +108,8 @@ class EditStage(RowStage):
                 groups.setdefault(report, []).append(i)
         for report, members in groups.items():
             try:
-                pairs = self.edit(report, [(rows[i]["rewritten_report"], _seed_of(rows[i])) for i in members])
+                variants = [(rows[i]["rewritten_report"], _seed_of(rows[i])) for i in members]
+                pairs = self.edit(report, variants)
             except Exception as exc:  # noqa: BLE001 - one study's failure must not sink the batch
                 for i in members:
                     results[i] = exc
