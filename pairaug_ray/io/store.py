@@ -172,4 +172,5 @@ class Store:
         paths = self.shards(table_dir)
         if not paths:
             return None
-        return ray.data.read_parquet(paths, columns=columns, filesystem=self.pyarrow_filesystem())
+        ds = ray.data.read_parquet(paths, filesystem=self.pyarrow_filesystem())
+        return ds.select_columns(columns) if columns else ds

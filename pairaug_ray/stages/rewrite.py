@@ -10,10 +10,16 @@ Rows need ``report``, ``branch`` ("inter" | "intra") and ``seed``; they come out
 ``findings`` of the new text, and the provenance ``rewrite_backend``, ``rewrite_model``,
 ``prompt_id``. Every backend's output goes through the same validation (word limit, not empty, not
 the source, the labeler must read the kind of change asked for); a rejected row is retried with a
-new seed up to ``max_attempts`` times, then becomes a ``rewrite_rejected`` error row.
+new seed up to ``max_attempts`` times, then becomes a ``rewrite_rejected`` error row. Before
+validation the text goes through ``pairaug_ray.llm.postprocess`` (chat chatter stripped, word limit
+cut or rejected per ``overlong``, non-report text rejected). Every row (error rows included) carries
+``rewrite_rejections``: JSON {reason: count} of the candidates rejected on the way, for the manifest.
 
-Backends implement ``RewriteBackend.rewrite(requests) -> texts``; ``rule`` is offline and
-deterministic (labeler-driven sentence edits); the LLM backends register in ``BACKENDS``.
+Backends implement ``RewriteBackend.rewrite(requests) -> texts`` (an Exception in place of a text
+fails that row only, e.g. ``StageError("llm_timeout")``, without retries); ``rule`` is offline and
+deterministic (labeler-driven sentence edits); the LLM backends register in ``BACKENDS`` as lazy
+factories so importing this module imports no LLM library: ``transformers``
+(``pairaug_ray.llm.hf_backend``), ``openai`` (``pairaug_ray.llm.openai_backend``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from pydantic import Field
 
@@ -56,7 +62,7 @@ class RewriteBackend:
     def prompt_id(self, branch: str) -> str:
         return f"{self.name}-{branch}-v1"
 
-    def rewrite(self, requests: list[RewriteRequest]) -> list[str]:
+    def rewrite(self, requests: list[RewriteRequest]) -> list[str | BaseException]:
         raise NotImplementedError
 
 
@@ -236,8 +242,23 @@ _NOUN = {
     "Support Devices": "endotracheal tube",
 }
 
+def _transformers_backend(cfg: "RewriteConfig") -> RewriteBackend:
+    from pairaug_ray.llm.hf_backend import TransformersBackend
+
+    return TransformersBackend(cfg)
+
+
+def _openai_backend(cfg: "RewriteConfig") -> RewriteBackend:
+    from pairaug_ray.llm.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(cfg)
+
+
+# name -> factory(config); factories import their libraries only when called (on the actor).
 BACKENDS: dict[str, Callable[["RewriteConfig"], RewriteBackend]] = {
     "rule": lambda cfg: RuleRewriter(max_words=cfg.max_words),
+    "transformers": _transformers_backend,
+    "openai": _openai_backend,
 }
 
 
@@ -292,13 +313,53 @@ def validate_rewrite(source: str, text: str, branch: str, max_words: int) -> tup
     return "", change
 
 
+def review_rewrite(source: str, raw: str, branch: str, max_words: int = 50,
+                   overlong: str = "cut") -> tuple[str, str, dict]:
+    """(clean text, reason, change) for a backend's raw answer: post-processing, then validation."""
+    from pairaug_ray.llm.postprocess import postprocess
+
+    text, reason = postprocess(raw, max_words=max_words, overlong=overlong)
+    if reason:
+        return text, reason, {}
+    reason, change = validate_rewrite(source, text, branch, max_words)
+    return text, reason, change
+
+
 # ----------------------------------------------------------------------------- stage
 
 class RewriteConfig(StageConfig):
     backend: str = Field("rule", description="rule | transformers | vllm | openai")
-    model: str = ""
+    model: str = Field("", description="transformers: folder, hub id or tiny://llm?seed=N&arch=gpt2|llama "
+                       "(default tiny://llm?seed=0); openai: the server's model name")
     max_words: int = Field(50, ge=5, description="the paper's limit is 50 words")
+    overlong: Literal["cut", "reject"] = Field(
+        "cut", description="over-long output: keep whole sentences up to max_words, or reject it")
     max_attempts: int = Field(3, ge=1, description="tries per row, each with a new seed")
+    min_source_words: int = Field(
+        0, ge=0, description="source reports with fewer words become source_too_short error rows "
+        "(the reference skipped reports under 20 words; 0 = keep all)")
+    # Prompts (LLM backends): built-ins inter-v1 / intra-v1, plus variants from YAML or inline.
+    prompts: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="prompt id -> {branch, system, user}; see llm/prompts.py")
+    prompts_file: str | None = Field(None, description="YAML with `prompts:` and optional `defaults:`")
+    prompt_ids: dict[str, str] = Field(
+        default_factory=dict, description="branch -> prompt id to use (default inter-v1 / intra-v1)")
+    # Sampling (LLM backends): the reference used temperature 0.5 and at most 300 tokens.
+    temperature: float = Field(0.5, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(300, ge=1, description="new tokens per answer")
+    # transformers backend
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU) | float32 | float16 | bfloat16")
+    # openai backend (any OpenAI-compatible /v1/chat/completions server)
+    api_base: str = Field("http://127.0.0.1:8000/v1", description="base URL, up to and including /v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key "
+                             "(read on the actor, never logged); unset = no Authorization header")
+    request_timeout_s: float = Field(60.0, gt=0)
+    concurrency: int = Field(8, ge=1, description="requests in flight per actor")
+    max_retries: int = Field(3, ge=0, description="retries on 429, 5xx, timeouts and connection errors")
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry (jittered)")
+    backoff_max_s: float = Field(30.0, ge=0)
     batch_size: int = 32
     num_cpus: float = 0.25
 
@@ -316,10 +377,15 @@ class RewriteStage(RowStage):
     def process(self, rows: list[dict]) -> list:
         results: list = [None] * len(rows)
         reasons: list[str] = [""] * len(rows)
+        rejected: list[dict[str, int]] = [{} for _ in rows]
+        last_text: list[str] = [""] * len(rows)
         pending = []
         for i, r in enumerate(rows):
             if r.get("branch") not in BRANCHES:
                 results[i] = StageError("bad_branch", f"unknown branch {r.get('branch')!r}")
+            elif len(str(r.get("report") or "").split()) < self.cfg.min_source_words:
+                results[i] = StageError("source_too_short",
+                                        f"report has fewer than {self.cfg.min_source_words} words")
             else:
                 pending.append(i)
         for attempt in range(self.cfg.max_attempts):
@@ -328,18 +394,25 @@ class RewriteStage(RowStage):
             reqs = [RewriteRequest(rows[i]["report"], rows[i]["branch"],
                                    int(rows[i]["seed"]) + 7919 * attempt) for i in pending]
             texts = self.backend.rewrite(reqs)
+            if len(texts) != len(reqs):
+                raise RuntimeError(f"backend {self.backend.name} gave {len(texts)} texts for {len(reqs)}")
             still = []
-            for i, text in zip(pending, texts):
-                reason, change = validate_rewrite(rows[i]["report"], text, rows[i]["branch"],
-                                                  self.cfg.max_words)
+            for i, raw in zip(pending, texts):
+                if isinstance(raw, BaseException):  # the backend gave up on this row (e.g. timeout)
+                    results[i] = raw
+                    continue
+                text, reason, change = review_rewrite(rows[i]["report"], raw, rows[i]["branch"],
+                                                      self.cfg.max_words, self.cfg.overlong)
                 if reason:
                     reasons[i] = reason
+                    rejected[i][reason] = rejected[i].get(reason, 0) + 1
+                    last_text[i] = text
                     still.append(i)
                     continue
                 found = label_report(text)
                 results[i] = [{
                     **rows[i],
-                    "rewritten_report": text.strip(),
+                    "rewritten_report": text,
                     "change": json.dumps(change, sort_keys=True),
                     "labels": json.dumps(label_states(found), sort_keys=True),
                     "findings": findings_to_json(found),
@@ -347,9 +420,15 @@ class RewriteStage(RowStage):
                     "rewrite_model": self.backend.model,
                     "prompt_id": self.backend.prompt_id(rows[i]["branch"]),
                     "rewrite_attempts": attempt + 1,
+                    "rewrite_rejections": json.dumps(rejected[i], sort_keys=True),
                 }]
             pending = still
         for i in pending:
-            results[i] = StageError("rewrite_rejected",
-                                    f"{self.cfg.max_attempts} attempts rejected; last: {reasons[i]}")
+            snippet = last_text[i][:120] + ("..." if len(last_text[i]) > 120 else "")
+            results[i] = StageError("rewrite_rejected", f"{self.cfg.max_attempts} attempts rejected; "
+                                    f"last: {reasons[i]}: {snippet!r}")
+        for i, res in enumerate(results):
+            if isinstance(res, BaseException):
+                # error_row() copies the input row dict: the counts reach the error row this way.
+                rows[i]["rewrite_rejections"] = json.dumps(rejected[i], sort_keys=True)
         return results

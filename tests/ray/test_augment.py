@@ -1,0 +1,157 @@
+"""The augmentation job end to end on PhantomCXR: counts, schema, resume after a kill, S3, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from pairaug_ray import schema as S
+from pairaug_ray.cli import main as cli_main
+from pairaug_ray.config import load_config
+from pairaug_ray.io.store import StorageConfig, Store
+from pairaug_ray.pipeline import run_augment, run_ingest
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+FAST = [
+    "augment.generate.model=tiny://sd?size=32&seed=0", "augment.generate.steps=2",
+    "augment.edit.model=tiny://sd?size=32&seed=0", "augment.edit.steps=3",
+    "augment.score.model=tiny://vlp?seed=0&image_size=32",
+    "augment.rewrite.batch_size=4", "augment.generate.batch_size=4", "augment.edit.batch_size=4",
+    "augment.score.batch_size=4", "augment.write.batch_size=4",
+    "augment.generate.num_cpus=0.25", "augment.edit.num_cpus=0.25",
+    "augment.prune.inter_threshold=0.0", "ray.progress_bars=false",
+]
+DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ingest")
+    cfg = load_config(None, ["ingest.source=phantom://8?seed=5", f"ingest.out={out}",
+                             "ingest.decode.image_size=32", "ingest.decode.num_cpus=0.25"])
+    assert run_ingest(cfg)["written"] == 8
+    return str(out)
+
+
+def _cfg(studies, out, *extra):
+    return load_config(DEMO, [f"augment.studies={studies}", f"augment.out={out}", *FAST, *extra])
+
+
+def _ids(store, table):
+    return store.read_column(table, "pair_id")
+
+
+@pytest.fixture(scope="module")
+def clean_run(studies, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("aug-clean"))
+    return out, run_augment(_cfg(studies, out))
+
+
+def test_counts_schema_and_provenance(studies, clean_run):
+    out, manifest = clean_run
+    store = Store(out)
+    n_train = sum(1 for s in Store(studies).read_column("studies", "split") if s == "train")
+    cands = store.read_table(S.CANDIDATES_DIR)
+    errors = store.read_table(S.QUARANTINE_DIR)
+    n_err = 0 if errors is None else errors.num_rows
+    # every planned candidate (1 inter + 2 intra per train study) is a candidate or quarantined
+    assert cands.num_rows + n_err == 3 * n_train
+    assert cands.schema.equals(S.PAIR_SCHEMA)
+    ids = cands.column("pair_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    b = manifest["branches"]
+    assert b["inter"]["candidates"] + b["intra"]["candidates"] == cands.num_rows
+    pairs = store.read_table(S.PAIRS_DIR)
+    assert pairs.num_rows == manifest["pairs_total"] == b["inter"]["kept"] + b["intra"]["kept"]
+    assert set(pairs.column("pair_id").to_pylist()) <= set(ids)
+    assert all(pairs.column("kept").to_pylist())
+    for row in pairs.to_pylist():
+        assert row["image_png"][:4] == b"\x89PNG" and row["rewritten_report"]
+        assert row["rewrite_backend"] == "rule" and row["prompt_id"].startswith("rule-")
+        assert row["generator_model"].startswith("tiny://sd") and row["score_model"]
+        assert row["config_fingerprint"] == manifest["config_fingerprint"] and row["code_version"]
+        if row["branch"] == "intra":
+            assert row["source_image_png"][:4] == b"\x89PNG"
+    assert set(pairs.column("split").to_pylist()) == {"train"}
+    for stage in ("rewrite", "generate", "edit", "score"):
+        assert manifest["stage_throughput"][stage]["rows_per_busy_s"] > 0
+    assert os.path.exists(os.path.join(out, "report.html"))
+    assert json.load(open(os.path.join(out, "manifest.json")))["pairs_total"] == pairs.num_rows
+
+
+def test_second_run_writes_nothing(studies, clean_run):
+    out, first = clean_run
+    listing = lambda: sorted(os.listdir(os.path.join(out, "candidates"))) + sorted(
+        os.listdir(os.path.join(out, "pairs")))
+    before = listing()
+    again = run_augment(_cfg(studies, out))
+    assert listing() == before
+    assert again["this_run_rows"] == 0 and again["pairs_total"] == first["pairs_total"]
+
+
+def test_kill_and_resume_matches_clean_run(studies, clean_run, tmp_path):
+    out = str(tmp_path / "aug-killed")
+    cmd = [sys.executable, "-m", "pairaug_ray.cli", "augment", "--config", DEMO, "--studies", studies,
+           "--out", out, *FAST]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    cand_dir = os.path.join(out, "candidates")
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isdir(cand_dir) and any(f.endswith(".parquet") for f in os.listdir(cand_dir)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # a real kill of the job and its Ray processes
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    partial = set(_ids(Store(out), S.CANDIDATES_DIR))
+    assert partial, "nothing was written before the kill"
+
+    resumed = run_augment(_cfg(studies, out))
+    clean = Store(clean_run[0])
+    store = Store(out)
+    got = _ids(store, S.CANDIDATES_DIR)
+    assert len(got) == len(set(got)), "duplicates after resume"
+    assert set(got) == set(_ids(clean, S.CANDIDATES_DIR))
+    assert resumed["skipped_already_written"] == len(partial)
+    assert set(_ids(store, S.PAIRS_DIR)) == set(_ids(clean, S.PAIRS_DIR))
+
+
+def test_augment_to_s3(studies, s3_bucket):
+    endpoint, bucket = s3_bucket
+    out = f"s3://{bucket}/augment"
+    manifest = run_augment(_cfg(studies, out, f"storage.endpoint_url={endpoint}", "augment.intra_variants=1",
+                                "augment.limit=3"))
+    store = Store(out, StorageConfig(endpoint_url=endpoint))
+    cands = store.read_table(S.CANDIDATES_DIR)
+    assert cands.num_rows == manifest["branches"]["inter"]["candidates"] + manifest["branches"]["intra"]["candidates"]
+    n_train = sum(1 for s in Store(studies).read_column("studies", "split") if s == "train")
+    assert cands.num_rows == 2 * min(3, n_train)
+    assert store.read_json("manifest.json")["pairs_total"] == manifest["pairs_total"]
+    assert store.exists("report.html")
+
+
+def test_demo_runs_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = cli_main(["demo", "--n", "6", "--size", "64", "--out", str(out), "ingest.decode.image_size=32",
+                   *FAST])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "PairAug demo finished" in text and "training pairs" in text
+    assert (out / "augment" / "report.html").exists()
+    assert (out / "augment" / "manifest.json").exists() and (out / "ingest" / "manifest.json").exists()
+    shards = list((out / "augment" / "pairs").glob("*.parquet"))
+    assert shards and sum(pq.read_metadata(p).num_rows for p in shards) > 0
