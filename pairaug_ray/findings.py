@@ -8,6 +8,7 @@ Usage::
     found["Pleural Effusion"].laterality, found["Pleural Effusion"].severity   # "left", "mild"
 
     python -m pairaug_ray.findings --iu-agreement     # agreement with the IU reports' MeSH tags
+    python -m pairaug_ray.findings --iu-agreement --uncertain ones   # every UNCERTAIN counts
 
 How a report is read (docs/labeler.md has the rules and the measured agreement):
 
@@ -25,6 +26,10 @@ How a report is read (docs/labeler.md has the rules and the measured agreement):
    resolved``, ``is not seen``, ``removed`` -> NEGATIVE); then one of two alternatives (``atelectasis
    or pneumonia``) is UNCERTAIN; else POSITIVE. Requests and conditionals (``if``, ``evaluation
    for``, ``correlate``) and disclaimers (``fractures may not be demonstrated``) are not mentions.
+   A "differential ..." cue hedges the rest of its sentence; a verb closing a list ("consolidation,
+   atelectasis, and effusion have cleared") negates every item. ``uncertainty_grades`` tells
+   hedges that favour a finding ("probable", "likely", "versus") from ones that only raise it
+   ("may", "possible", "cannot be excluded"); the IU agreement counts the first kind as positive.
    "Normal" statements (``heart size is normal``, ``lungs are clear``, ``normal cardiomediastinal
    silhouette``) are NEGATIVE mentions of the observations they rule out.
 4. Per observation, as in CheXpert: any POSITIVE mention wins, then UNCERTAIN, then NEGATIVE.
@@ -182,18 +187,37 @@ _PRE_NEG = re.compile(
 _NOT_NEGATION = re.compile(
     r"\b(?:no (?:significant |appreciable |substantial |interval |definite )?(?:change|changes|"
     r"increase|decrease|worsening|improvement|progression)|not (?:significantly )?(?:changed|"
-    r"increased|decreased|improved|worsened)|no longer)\b")
+    r"increased|decreased|improved|worsened)|no longer|"
+    # "not seen on the prior study": the finding is new, not absent
+    r"not (?:seen|present|visible|identified|evident|apparent) (?:on|in) (?:the )?(?:prior|previous|"
+    r"comparison|earlier|old)\w*|"
+    # "nearly resolved", "partial resolution of": some of the finding is still there
+    r"(?:almost|nearly|partially|partly|incompletely|near|partial|incomplete)(?: complete(?:ly)?)? "
+    r"(?:resolved|resolving|resolution of|cleared|clearing of))\b")
 _NO_LONGER = re.compile(r"\bno longer\b")
 _POST_NEG = re.compile(
     r"^(?:\s+\w+){0,4}?\s+(?:(?:is|are|was|were) )?(?:not (?:seen|identified|present|visualized|"
-    r"demonstrated|appreciated|evident|noted|detected|enlarged|widened)|(?:has |have )?(?:resolved|"
-    r"cleared)|no longer|removed|absent|not appreciated)\b")
+    r"demonstrated|appreciated|evident|noted|detected|enlarged|widened)"
+    r"(?! (?:on|in) (?:the )?(?:prior|previous|comparison|earlier|old))|(?:has |have )?"
+    r"(?<!almost )(?<!nearly )(?<!partially )(?<!partly )(?<!near )(?:resolved|cleared)|"
+    r"no longer|removed|absent|not appreciated)\b")
 _PRE_UNC = re.compile(
-    r"\b(?:may|might|could|possible|possibly|possibility|probable|probably|likely|presum\w*|suggest\w*|"
+    r"\b(?:may|maybe|might|could|possible|possibly|possibility|probable|probably|likely|presum\w*|suggest\w*|"
     r"suspicious|suspect\w*|concern\w*|question\w*|cannot (?:be )?exclude\w*|can not (?:be )?"
     r"exclude\w*|not (?:be )?(?:entirely )?excluded|cannot rule out|rule out|r o|differential|"
     r"versus|vs|equivocal|indeterminate|uncertain|borderline|"
     r"consider\w*|atypical)\b")
+# Hedges that favour the finding (a likelihood above even: "probable", "likely", "borderline", a
+# two-way "X versus Y"); the other uncertainty cues only raise it ("may", "possible", "question of",
+# "cannot exclude", "differential includes"). Both give UNCERTAIN; uncertainty_grades() tells them apart.
+_FAVOURED_UNC = re.compile(r"\b(?:probable|probably|likely|presum\w*|borderline|versus|vs)\b")
+# "fracture of indeterminate age" hedges the age, not the fracture
+_AGE_HEDGE = re.compile(r"\b(?:age (?:indeterminate|undetermined|uncertain|unknown)|(?:indeterminate|"
+                        r"undetermined|uncertain|unknown) (?:age|chronicity))\b")
+# "differential diagnosis includes A, B, mild C": every later part of the sentence is a hedge too
+_DIFFERENTIAL = re.compile(r"\b(?:differential|considerations?)\b")
+# "compatible with X", "correlate with X": "with" there joins a complement, not a new clause
+_WITH_COMPLEMENT = re.compile(r"\b(?:compatible|consistent|associated|keeping|correlat\w*|clinically)$")
 # Requests and conditionals name an observation without reporting it: such mentions are dropped.
 _HYPOTHETICAL = re.compile(r"\b(?:if|evaluat\w* (?:for|of)|assess\w* for|correlat\w*|rule out|r o|"
                            r"in case of|to exclude)\b")
@@ -210,8 +234,8 @@ _NEG_BEFORE_HEDGE = re.compile(r"\b(?:no|without|not)\b.*\b(?:to suggest|suggest
                                r"concerning for|worrisome for)\b")
 _POST_UNC = re.compile(
     r"^(?:\s+\w+){0,4}?\s+(?:(?:cannot|can not|could not|can t) (?:be )?(?:entirely )?"
-    r"(?:excluded|ruled out)|not (?:be )?(?:entirely )?(?:excluded|ruled out)|(?:is|are) "
-    r"(?:possible|questioned|suspected|likely|questionable|not excluded)|may be present|"
+    r"(?:excluded|ruled out)|not (?:be )?(?:entirely )?(?:excluded|ruled out)|(?:is|are)"
+    r"(?: also| still)? (?:possible|questioned|suspected|likely|questionable|not excluded)|may be present|"
     r"(?:difficult|hard) to exclude|versus|vs)\b")
 _ALT_STEMS = (r"(?:atelecta|pneumon|infect|consolidat|infiltrat|o?edema|effusion|scar|fibros|opaci|"
               r"air ?space|mass|nodul|granulom|fluid|hemorrhage|aspiration|collapse|vascular|fat|"
@@ -224,12 +248,17 @@ _SPLIT = re.compile(r"\s*[,;:]\s*|\s+(but|however|although|though|whereas|while|
 _NEW_STATEMENT = re.compile(
     r"^(?:small|mild|mildly|moderate|moderately|minimal|trace|tiny|new|increased|increasing|"
     r"persistent|stable|unchanged|residual|slight|there|the|a|an|possible|"
-    r"probable|likely|may)\b")
+    r"probable|likely|may|old|healed|healing|chronic)\b")
 _VERB = re.compile(r"\b(?:is|are|was|were|has|have|had|seen|noted|identified|present|demonstrated|"
                    r"visualized|appears?|remains?|persists?|there|shows?|again)\b")
 # "..., or pneumothorax is identified": a verb that closes the whole list
 _TRAILING_VERB = re.compile(r"(?: (?:is|are|was|were|has been|have been))?(?: \w+ly)? (?:seen|identified|"
                             r"noted|present|demonstrated|visualized|evident|appreciated|detected)$")
+# "Consolidation, atelectasis, and effusion have cleared": a verb at the end of a list negates it all
+_LIST_CLOSING_NEG = re.compile(
+    r"\b(?:(?:has|have) (?:now |since |all |completely )?(?:resolved|cleared)|(?:is|are|was|were) no "
+    r"longer (?:seen|present|visible|identified)|(?:is|are|was|were) not (?:seen|identified|present|"
+    r"visualized))(?: \w+){0,4}$")
 _LIST_START = re.compile(r"^(?:or|nor|and|and/or)\b")
 
 _LEFT = re.compile(r"\bleft\b|\blt\b")
@@ -266,7 +295,13 @@ def _parts(sentence: str) -> list[tuple[str, str]]:
         out.append((sep, sentence[pos:m.start()].strip()))
         sep, pos = (m.group(1) or m.group().strip()), m.end()
     out.append((sep, sentence[pos:].strip()))
-    return [(s, p) for s, p in out if p]
+    merged: list[tuple[str, str]] = []
+    for s, p in out:
+        if s == "with" and merged and _WITH_COMPLEMENT.search(merged[-1][1]):
+            merged[-1] = (merged[-1][0], merged[-1][1] + " with " + p)
+        else:
+            merged.append((s, p))
+    return [(s, p) for s, p in merged if p]
 
 
 def _last_end(rx: re.Pattern, text: str) -> int:
@@ -276,27 +311,44 @@ def _last_end(rx: re.Pattern, text: str) -> int:
     return end
 
 
-def _cue_state(pre: str, post: str) -> int | None:
-    """UNCERTAIN / NEGATIVE from cues around a mention, or None when there is none.
+def _cue_state(pre: str, post: str) -> tuple[int | None, bool]:
+    """(UNCERTAIN / NEGATIVE / None, favoured) from cues around a mention.
 
     Before the mention the nearest cue wins ("borderline cardiomegaly without heart failure":
     heart failure is negated); cues after the mention are read when there is none before it.
+    ``favoured`` is True for an UNCERTAIN state whose hedges all favour the finding ("probable",
+    "likely", "versus"); one weaker hedge before it ("may represent X versus Y") makes it False.
     """
     if _NEG_BEFORE_HEDGE.search(pre):
-        return NEGATIVE
+        return NEGATIVE, False
+    pre, post = _AGE_HEDGE.sub(" ", pre), _AGE_HEDGE.sub(" ", post)
     pre_clean = _NOT_NEGATION.sub(lambda m: m.group() if _NO_LONGER.fullmatch(m.group()) else " ", pre)
     unc = _last_end(_PRE_UNC, pre)
     neg = max(_last_end(_PRE_NEG, pre_clean), _last_end(_NO_LONGER, pre))
     if unc >= 0 or neg >= 0:
-        return UNCERTAIN if unc >= neg else NEGATIVE
-    if _POST_UNC.search(post):
-        return UNCERTAIN
+        if unc < neg:
+            return NEGATIVE, False
+        return UNCERTAIN, _all_favoured(pre)
+    m = _POST_UNC.search(post)
+    if m:
+        return UNCERTAIN, bool(re.search(r"\b(?:likely|probable|versus|vs)$", m.group()))
     if _POST_NEG.search(post):
-        return NEGATIVE
-    return None
+        return NEGATIVE, False
+    return None, False
 
 
-def _part_mode(part: str) -> int | None:
+def _all_favoured(text: str) -> bool:
+    """True when every uncertainty cue in ``text`` favours the finding ("probable", "most
+    suggestive of"); False when one only raises it ("may", "possible") or there is none."""
+    cues = list(_PRE_UNC.finditer(text))
+    def favours(c: re.Match) -> bool:
+        before = text[:c.start()]
+        return (bool(_FAVOURED_UNC.fullmatch(c.group())) and not before.endswith("less ")) \
+            or before.endswith("most ")
+    return bool(cues) and all(favours(c) for c in cues)
+
+
+def _part_mode(part: str) -> tuple[int | None, bool]:
     """The cue in force at the end of a part (for list parts that follow it)."""
     return _cue_state(part, "")
 
@@ -323,19 +375,31 @@ class _Mention:
     laterality: str | None
     severity: str | None
     evidence: str
+    favoured: bool = False     # an UNCERTAIN mention under hedges that favour it (see _FAVOURED_UNC)
 
 
 def _sentence_mentions(original: str) -> list[_Mention]:
     sentence = _normalize(original)
     found: list[_Mention] = []
     inherited: int | None = None
+    inherited_favoured = False
+    in_differential = False  # a "differential ..." cue earlier in the sentence hedges what follows
+    parts = _parts(sentence)
+    # from which part on every part is a verb-less list item ending in a list-closing negation
+    closing_from = len(parts)
+    if parts and _LIST_CLOSING_NEG.search(parts[-1][1]):
+        closing_from = len(parts) - 1
+        while closing_from > 0 and parts[closing_from][0] in (",", "and") \
+                and not _VERB.search(parts[closing_from - 1][1]):
+            closing_from -= 1
     fragment = ""  # a mention-free part before "and": "small left [and] moderate right effusions"
-    for sep, part in _parts(sentence):
+    for k, (sep, part) in enumerate(parts):
         context = (fragment + " " + part) if sep == "and" and fragment else part
         n_found = len(found)
         list_like = (sep in (",", "and") and not _NEW_STATEMENT.match(part)
                      and (_LIST_START.match(part) or not _VERB.search(_TRAILING_VERB.sub("", part))))
         carry = inherited if list_like else None
+        carry_favoured = inherited_favoured if list_like else False
         for obs, patterns in MENTIONS.items():
             if obs in UNMENTIONS and UNMENTIONS[obs].search(part):
                 continue
@@ -346,24 +410,34 @@ def _sentence_mentions(original: str) -> list[_Mention]:
                     pre, post = part[:m.end()], part[m.end():]
                     # a list part under "no ..." reads as if the "no" were repeated
                     lead = "no " if carry == NEGATIVE else ""
-                    state = _cue_state(lead + pre[:m.start()] + " " + m.group(), post)
+                    state, favoured = _cue_state(lead + pre[:m.start()] + " " + m.group(), post)
                     if state is None and carry is not None:
-                        state = carry
+                        state, favoured = carry, carry_favoured
+                    if state is None and k >= closing_from:
+                        state, favoured = NEGATIVE, False
+                    if state is None and in_differential:
+                        state, favoured = UNCERTAIN, False
                     if state is None and (_ALT_AFTER.search(post) or _ALT_BEFORE.search(part[:m.start()])):
-                        state = UNCERTAIN
+                        state, favoured = UNCERTAIN, True
                     if state is None:
                         state = POSITIVE
-                    found.append(_Mention(obs, state, _laterality(context), _severity(context), original))
+                    found.append(_Mention(obs, state, _laterality(context), _severity(context), original,
+                                          favoured and state == UNCERTAIN))
         if not _EXCEPT.search(sentence):
             for obs, patterns in NORMAL_STATEMENTS.items():
                 # "the heart size [and] mediastinal contours are normal": read the fragment too
                 if any(rx.search(context) for rx in patterns):
                     state = UNCERTAIN if _PRE_UNC.search(context) else NEGATIVE
-                    found.append(_Mention(obs, state, None, None, original))
+                    favoured = _all_favoured(context)
+                    found.append(_Mention(obs, state, None, None, original, favoured))
                     if obs == "Cardiomegaly" and re.search(r"cardio ?mediastinal|mediastinum", context):
-                        found.append(_Mention("Enlarged Cardiomediastinum", state, None, None, original))
-        own = _part_mode(("no " if carry == NEGATIVE else "") + part)
-        inherited = own if own is not None else carry
+                        found.append(_Mention("Enlarged Cardiomediastinum", state, None, None, original,
+                                              favoured))
+        own, own_favoured = _part_mode(("no " if carry == NEGATIVE else "") + part)
+        inherited, inherited_favoured = ((own, own_favoured) if own is not None
+                                         else (carry, carry_favoured))
+        if own == UNCERTAIN and _DIFFERENTIAL.search(part):
+            in_differential = True
         fragment = part if len(found) == n_found else ""
     return found
 
@@ -377,8 +451,24 @@ def _merge_laterality(values: list[str | None]) -> str | None:
 
 def label_report(text: str) -> dict[str, Finding]:
     """Label one report (findings + impression): only mentioned observations, plus "No Finding"."""
+    return _label(text)[0]
+
+
+def uncertainty_grades(text: str) -> dict[str, str]:
+    """For each observation that :func:`label_report` makes UNCERTAIN: how strongly it is hedged.
+
+    "probable" when one of its uncertain mentions is hedged only by cues that favour it
+    ("probable effusion", "likely atelectasis", "borderline cardiomegaly", "atelectasis versus
+    pneumonia", "scarring or atelectasis"); "possible" when every mention is merely raised ("may
+    represent", "possible", "question of", "cannot be excluded", a differential-diagnosis list).
+    """
+    return _label(text)[1]
+
+
+def _label(text: str) -> tuple[dict[str, Finding], dict[str, str]]:
     mentions = [m for s in split_sentences(text) for m in _sentence_mentions(s)]
     out: dict[str, Finding] = {}
+    grades: dict[str, str] = {}
     for obs in OBSERVATIONS:
         mine = [m for m in mentions if m.observation == obs]
         if not mine:
@@ -395,10 +485,12 @@ def label_report(text: str) -> dict[str, Finding]:
                       if severities and state != NEGATIVE else None),
             evidence=chosen[0].evidence,
         )
+        if state == UNCERTAIN:
+            grades[obs] = "probable" if any(m.favoured for m in chosen) else "possible"
     abnormal = any(f.state in (POSITIVE, UNCERTAIN) for o, f in out.items() if o != "Support Devices")
     if not abnormal and re.search(r"\w", text or ""):
         out["No Finding"] = Finding("No Finding", POSITIVE, None, None, "")
-    return {o: out[o] for o in OBSERVATIONS if o in out}
+    return {o: out[o] for o in OBSERVATIONS if o in out}, grades
 
 
 def label_states(findings: dict[str, Finding]) -> dict[str, int]:
@@ -480,36 +572,83 @@ CHEXPERT_MESH_ROOTS = {
 _SCOPED_NO_FINDING = "No Finding (CheXpert-scope subset)"
 
 
-def iu_agreement(count_uncertain: bool = True, reports=None, labels=None) -> dict:
+# MeSH major terms that name one of CheXpert's 13 observations, by root and qualifier (so
+# "Costophrenic Angle/blunted" is an effusion sign and "Thickening/pleura" is Pleural Other, while
+# "Thickening/bronchi" is not). The "No Finding (vs MeSH: no CheXpert-class term)" row counts a
+# report as truly No Finding when its indexers tagged none of these.
+_CHEXPERT_MESH_QUALIFIED = {
+    "costophrenic angle": ("blunted",), "thickening": ("pleura",), "cicatrix": ("pleura",),
+    "density": ("lung",), "lung": ("collapse",), "hemothorax": ("",), "pulmonary fibrosis": ("",),
+}
+
+
+def _names_chexpert_class(term: str) -> bool:
+    root, *quals = [q.strip().lower() for q in term.split("/")]
+    if root in CHEXPERT_MESH_ROOTS:
+        return not (root == "cardiac shadow" and "enlarged" not in quals)
+    return any(q == "" or q in quals for q in _CHEXPERT_MESH_QUALIFIED.get(root, ()))
+
+
+_MESH_NO_CHEXPERT = "No Finding (vs MeSH: no CheXpert-class term)"
+
+# How an UNCERTAIN label counts against a MeSH tag: "probable" (the default) counts hedges that
+# favour the finding (uncertainty_grades() == "probable"), "ones" counts every UNCERTAIN (U-Ones),
+# "zeros" none (U-Zeros).
+UNCERTAIN_POLICIES = ("probable", "ones", "zeros")
+
+
+def iu_agreement(count_uncertain: bool | None = None, reports=None, labels=None, *,
+                 policy: str = "probable", grades=None) -> dict:
     """Labeler vs MeSH on the IU reports (findings + impression): per-class P/R/F1/support.
 
-    A report counts as labeler-positive for a class when its state is POSITIVE (and UNCERTAIN too
-    when ``count_uncertain``, the default: MeSH indexes hedged mentions too, e.g. "probable
-    effusions"). ``reports`` defaults to all reports from :func:`iter_iu_reports`; ``labels`` (the
-    :func:`label_report` output per report) are computed when not given.
+    A report counts as labeler-positive for a class when its state is POSITIVE, or UNCERTAIN as
+    ``policy`` says (:data:`UNCERTAIN_POLICIES`; ``count_uncertain`` True / False is the older
+    spelling of "ones" / "zeros"). ``reports`` defaults to all reports from
+    :func:`iter_iu_reports`; ``labels`` (the :func:`label_report` output per report) and
+    ``grades`` (:func:`uncertainty_grades` per report) are computed when not given.
     """
     from sklearn.metrics import precision_recall_fscore_support
 
     from pairaug_ray.io.reports import iter_iu_reports
 
+    if count_uncertain is not None:
+        policy = "ones" if count_uncertain else "zeros"
+    if policy not in UNCERTAIN_POLICIES:
+        raise ValueError(f"policy must be one of {UNCERTAIN_POLICIES}, got {policy!r}")
     reports = list(iter_iu_reports()) if reports is None else list(reports)
-    labels = [label_report(r.text) for r in reports] if labels is None else list(labels)
-    hits = (POSITIVE, UNCERTAIN) if count_uncertain else (POSITIVE,)
+    if labels is None or (grades is None and policy == "probable"):
+        labels, grades = zip(*(_label(r.text) for r in reports)) if reports else ((), ())
+    labels = list(labels)
+
+    def counts(i: int, obs: str) -> bool:
+        f = labels[i].get(obs)
+        if f is None or f.state == NEGATIVE:
+            return False
+        if f.state == POSITIVE:
+            return True
+        return policy == "ones" or (policy == "probable" and grades[i].get(obs) == "probable")
+
     rows = {}
-    scoped = {_SCOPED_NO_FINDING: MESH_TRUTH["No Finding"]}
+    scoped = {_SCOPED_NO_FINDING: MESH_TRUTH["No Finding"],
+              _MESH_NO_CHEXPERT: lambda m, r: not any(_names_chexpert_class(t) for t in m)}
     for name, truth_fn in {**MESH_TRUTH, **scoped, **MESH_INFO}.items():
         obs = name.split(" (")[0]
-        keep = [i for i, r in enumerate(reports)
-                if name != _SCOPED_NO_FINDING or _mesh_roots(r.mesh) <= CHEXPERT_MESH_ROOTS | {"normal"}]
+        if name == _SCOPED_NO_FINDING:
+            keep = [i for i, r in enumerate(reports)
+                    if _mesh_roots(r.mesh) <= CHEXPERT_MESH_ROOTS | {"normal"}]
+        elif name == _MESH_NO_CHEXPERT:   # "No Indexing": the indexers left no terms to compare with
+            keep = [i for i, r in enumerate(reports) if "no indexing" not in _mesh_roots(r.mesh)]
+        else:
+            keep = range(len(reports))
         y_true = [int(truth_fn(reports[i].mesh, _mesh_roots(reports[i].mesh))) for i in keep]
-        y_pred = [int(obs in labels[i] and labels[i][obs].state in hits) for i in keep]
+        y_pred = [int(counts(i, obs)) for i in keep]
         p, rc, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="binary",
                                                        zero_division=0)
         rows[name] = {"precision": round(float(p), 3), "recall": round(float(rc), 3),
                       "f1": round(float(f1), 3), "support": int(sum(y_true)),
                       "predicted": int(sum(y_pred)), "reports": len(keep),
                       "floor_class": name in MESH_TRUTH or name in scoped}
-    return {"reports": len(reports), "count_uncertain": count_uncertain, "classes": rows}
+    return {"reports": len(reports), "policy": policy, "classes": rows}
 
 
 def agreement_markdown(result: dict) -> str:
@@ -525,12 +664,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pairaug_ray.findings", description=__doc__.split("\n")[0])
     ap.add_argument("--iu-agreement", action="store_true",
                     help="compare the labeler with the IU reports' MeSH tags")
-    ap.add_argument("--positive-only", action="store_true",
-                    help="count only POSITIVE as labeler-positive (default: POSITIVE or UNCERTAIN)")
+    ap.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="probable",
+                    help="how UNCERTAIN counts against MeSH: probable (default) = hedges that favour "
+                         "the finding count, ones = every UNCERTAIN counts, zeros = none counts")
+    ap.add_argument("--positive-only", action="store_true", help="the same as --uncertain zeros")
     ap.add_argument("text", nargs="*", help="report text to label")
     args = ap.parse_args(argv)
     if args.iu_agreement:
-        result = iu_agreement(count_uncertain=not args.positive_only)
+        result = iu_agreement(policy="zeros" if args.positive_only else args.uncertain)
         print(agreement_markdown(result))
         print(json.dumps(result, sort_keys=True))
         return 0
