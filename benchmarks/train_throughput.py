@@ -55,7 +55,7 @@ def plain_loop(cfg, items, plan) -> dict:
         opt.step()
         sched.step()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     steady = times[1:] or times
     return {"samples_per_s": plan.shape[1] * len(steady) / sum(steady), "first_loss": losses[0],
             "final_loss": losses[-1], "torch_threads": torch.get_num_threads()}

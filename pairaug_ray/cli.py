@@ -6,6 +6,7 @@ Usage::
     pairaug phantom --n 64 --out data/phantom      # write a PhantomCXR MIMIC-style DICOM tree
     pairaug ingest data/phantom --out runs/ingest ingest.decode.image_size=128
     pairaug augment --config jobs/configs/demo.yaml --studies runs/ingest --out runs/augment
+    pairaug train --studies runs/ingest --pairs runs/augment --mix original,inter,intra --out runs/train
     pairaug label < reports.jsonl > labels.jsonl   # {"id","report"} per line → labels per line
 
 Every job command takes ``--config FILE`` (YAML) and trailing ``section.key=value`` overrides.
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="output folder or s3:// URI")
     sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     sp.set_defaults(func=cmd_augment)
+
+    from pairaug_ray.train.vlp import add_train_arguments, cmd_train
+
+    sp = job("train", "train the VLP on Ray Train (studies + kept augmented pairs)")
+    add_train_arguments(sp)
+    sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("label", help="label reports: JSONL {id, report} → JSONL of labels")
     sp.add_argument("input", nargs="?", default="-", help="JSONL file (default stdin)")

@@ -28,6 +28,7 @@ from pairaug_ray.stages.label import LabelConfig
 from pairaug_ray.stages.prune import PruneConfig
 from pairaug_ray.stages.rewrite import RewriteConfig
 from pairaug_ray.stages.score import ScoreConfig
+from pairaug_ray.train.vlp import TrainConfig
 
 
 class _Strict(BaseModel):
@@ -76,6 +77,7 @@ class PairAugConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -112,8 +114,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cls.model_validate(data)
 
 
+# Settings that change where and how fast a stage runs, not what it outputs: they do not enter
+# the output fingerprint, so re-running with another pool size or timeout keeps the pair ids.
 RESOURCE_FIELDS = {"batch_size", "min_actors", "max_actors", "num_cpus", "num_gpus",
-                   "accelerator_type", "resources", "device", "dtype"}
+                   "accelerator_type", "resources", "device", "dtype", "request_timeout_s",
+                   "concurrency", "max_retries", "backoff_s", "backoff_max_s", "api_key_env",
+                   "max_variants_per_call"}
 
 
 def fingerprint(model: BaseModel, exclude: set[str] | None = None) -> str:

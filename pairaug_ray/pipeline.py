@@ -13,6 +13,7 @@ manifest with counts. Only small summary rows come back to the driver.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -240,14 +241,18 @@ def run_augment(cfg: PairAugConfig) -> dict:
 
     # 7. Write every scored candidate (pass 1 of pruning needs them persisted) + quarantine.
     wcfg = WriteConfig(out=acfg.out, storage=cfg.storage, table=S.CANDIDATES_DIR, schema_name="pair",
-                       summary_columns=["branch"], **acfg.write.model_dump())
+                       summary_columns=["branch", "rewrite_rejections"], **acfg.write.model_dump())
     ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
     progress = Progress("augment", -1)
     clock = _StageClock()
     by_branch: Counter = Counter()
+    rejections: Counter = Counter()
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
         progress.update(batch)
         clock.update(batch)
+        if "rewrite_rejections" in batch:
+            for s in batch["rewrite_rejections"].dropna():
+                rejections.update(json.loads(s) if isinstance(s, str) and s else {})
         for (branch, status), n in batch.groupby(["branch", "status"]).size().items():
             by_branch[f"{branch}:{status}"] += int(n)
     progress.print()
@@ -305,6 +310,7 @@ def run_augment(cfg: PairAugConfig) -> dict:
         "branches": branch_counts,
         "pairs_total": len(kept_ids),
         "errors_by_stage_class": dict(sorted(errors.items())),
+        "rewrite_rejections_this_run": dict(sorted(rejections.items())),
         "intra_means": means,
         "prune": acfg.prune.model_dump(),
         "stage_throughput": _stage_throughput(clock.seconds, clock.rows),

@@ -90,8 +90,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, cfg):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         from pairaug_ray.llm.tiny import resolve_model
 
@@ -116,7 +115,11 @@ class TransformersBackend:
         special = set(self.tokenizer.all_special_ids) | {
             i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
         self.banned_ids = sorted(special - set(self.eos_ids))
-        torch.set_grad_enabled(False)
+        # generate() fills unset options from the model's generation_config (a chat model's may say
+        # do_sample=True, top_k, repetition_penalty): start from a clean one so only ours apply.
+        self.lm.generation_config = GenerationConfig(
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
+            bos_token_id=self.tokenizer.bos_token_id)
 
     def prompt_id(self, branch: str) -> str:
         return self.prompts.prompt_id(branch)

@@ -29,7 +29,8 @@ _SPECIAL_TOKENS = re.compile(r"<\|[^|<>]{1,40}\|>|</?s>|\[/?INST\]")
 # Control characters (not newlines/tabs) and U+FFFD: byte pieces of a cut multi-byte character.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 _CODE_FENCE = re.compile(r"```[a-zA-Z]*")
-_MD_EMPHASIS = re.compile(r"(\*\*|__|\*|`)")
+# Markdown emphasis; underscores stay (MIMIC de-identification writes "___").
+_MD_EMPHASIS = re.compile(r"(\*\*|\*|`)")
 _MD_LINE_PREFIX = re.compile(r"^\s*(#{1,6}\s+|>\s*|[-*•]\s+|\d+[.)]\s+)", re.M)
 _LEAD = [
     re.compile(r"^(sure|certainly|of course|okay|ok|absolutely|great|alright)\b[!.,]*\s*", re.I),
@@ -41,9 +42,9 @@ _LEAD = [
 ]
 # Trailing paragraphs or sentences that talk about the answer instead of being part of it.
 _TRAILER = re.compile(
-    r"(?:\n|(?<=[.!?])\s+|\(\s*)(?:notes?|explanation|changes(?: made)?|disclaimer|rationale|"
+    r"(?:\n|(?<=[.!?])\s+|\(\s*)(?:please\s+)?(?:notes?|explanation|changes(?: made)?|disclaimer|rationale|"
     r"summary of changes)\s*:.*$|"
-    r"(?:\n|(?<=[.!?])\s+)(?:i hope|let me know|feel free|please note|this (?:rewrite|rewritten|revised|new) "
+    r"(?:\n|(?<=[.!?])\s+)(?:i hope|let me know|feel free|this (?:rewrite|rewritten|revised|new) "
     r"(?:report|version))\b.*$", re.I | re.S)
 _QUOTES = [('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("«", "»")]
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

@@ -19,6 +19,7 @@ Weights are built at run time and never committed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -45,23 +46,24 @@ _lock = threading.Lock()
 _built: dict[tuple, str] = {}
 
 
-def report_corpus(limit: int | None = None) -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=4)
+def report_corpus(limit: int | None = None) -> tuple[str, tuple[str, ...]]:
     """(corpus name, texts): IU reports when installed, else 1,000 PhantomCXR template reports."""
     from pairaug_ray.io import reports
 
     if reports.iu_corpus_available():
         texts = [r.text for r in reports.iter_iu_reports() if r.text.strip()]
-        return "iu", texts[:limit] if limit else texts
+        return "iu", tuple(texts[:limit] if limit else texts)
     import numpy as np
 
     from pairaug_ray import phantom
 
     rng = np.random.default_rng(0)
     n = limit or 1000
-    return "phantom", [phantom.template_report(phantom.sample_findings(rng), rng) for _ in range(n)]
+    return "phantom", tuple(phantom.template_report(phantom.sample_findings(rng), rng) for _ in range(n))
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+def train_tokenizer(texts, vocab_size: int = VOCAB_SIZE):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with the chat tokens, vocab a multiple of 64."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -35,6 +35,7 @@ from pydantic import Field
 from pairaug_ray.findings import (
     NEGATIVE, OBSERVATIONS, POSITIVE, UNCERTAIN, Finding, findings_to_json, label_report, label_states,
 )
+from pairaug_ray.llm.vllm_backend import VLLMOptions
 from pairaug_ray.stages.base import RowStage, StageConfig, StageError
 
 BRANCHES = ("inter", "intra")
@@ -254,11 +255,18 @@ def _openai_backend(cfg: "RewriteConfig") -> RewriteBackend:
     return OpenAIBackend(cfg)
 
 
+def _vllm_backend(cfg: "RewriteConfig") -> RewriteBackend:
+    from pairaug_ray.llm.vllm_backend import VLLMRewriter
+
+    return VLLMRewriter(cfg)
+
+
 # name -> factory(config); factories import their libraries only when called (on the actor).
 BACKENDS: dict[str, Callable[["RewriteConfig"], RewriteBackend]] = {
     "rule": lambda cfg: RuleRewriter(max_words=cfg.max_words),
     "transformers": _transformers_backend,
     "openai": _openai_backend,
+    "vllm": _vllm_backend,
 }
 
 
@@ -360,6 +368,8 @@ class RewriteConfig(StageConfig):
     max_retries: int = Field(3, ge=0, description="retries on 429, 5xx, timeouts and connection errors")
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry (jittered)")
     backoff_max_s: float = Field(30.0, ge=0)
+    # vllm backend: engine kwargs, engine choice (ray.data.llm | actor); see llm/vllm_backend.py
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     batch_size: int = 32
     num_cpus: float = 0.25
 

@@ -56,7 +56,8 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    studies: str = Field("pairaug_out/ingest", description="ingest output folder (local or s3://) with studies/")
+    studies: str = Field("pairaug_out/ingest",
+                         description="ingest output folder (local or s3://) with studies/")
     pairs: str | None = Field(None, description="augment output folder with pairs/ (kept pairs)")
     mix: list[str] = Field(default_factory=lambda: ["original"],
                            description=f"training sources, any of {list(SOURCES)}")
@@ -242,7 +243,8 @@ def _train_loop(loop_config: dict) -> None:
             save_vlp(vlp, tmp)
             torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                        "history": history, "seed": cfg.seed, "world_size": world}, os.path.join(tmp, TRAIN_STATE_FILE))
+                        "history": history, "seed": cfg.seed, "world_size": world},
+                       os.path.join(tmp, TRAIN_STATE_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{step:07d}")
         _write_text(run_uri, storage, METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
@@ -337,6 +339,9 @@ def train_vlp(cfg: TrainConfig, storage: StorageConfig | None = None) -> dict:
     plan = plan_batches(items, cfg.mix, cfg.ratio, end, cfg.batch_size, cfg.seed)
     dataset = build_dataset(items, plan, cfg.num_workers)
     counts = source_counts(items)
+    if len(items) < cfg.batch_size:
+        log.warning("only %d training items for a batch of %d: batches repeat items, whose "
+                    "copies count as negatives of each other", len(items), cfg.batch_size)
     log.info("training items per source: %s", counts)
 
     out = cfg.out.rstrip("/")
@@ -392,24 +397,31 @@ def read_metrics(run_uri: str, storage: StorageConfig | None = None) -> list[dic
 
 CLI_ARGUMENTS = """\
 pairaug train [--config FILE] [--studies DIR] [--pairs DIR] [--mix original,inter,...]
-              [--out DIR] [--name NAME] [--steps N] [train.key=value ...]"""
+              [--out DIR] [--name NAME] [--steps N] [section.key=value ...]"""
+
+
+def add_train_arguments(parser) -> None:
+    """The `pairaug train` arguments (for cli.py's subparser; `--config` comes from cli.py)."""
+    parser.add_argument("--studies", help="an ingest output folder (local or s3://) with studies/")
+    parser.add_argument("--pairs", help="an augment output folder with pairs/ (kept pairs)")
+    parser.add_argument("--mix", help=f"comma-separated training sources, any of {','.join(SOURCES)}")
+    parser.add_argument("--out", help="run storage folder (local or s3://)")
+    parser.add_argument("--name", help="run name; re-running with the same --out and --name resumes")
+    parser.add_argument("--steps", type=int, help="training steps")
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides (train.lr=1e-3)")
 
 
 def cmd_train(args) -> int:
-    """`pairaug train`: ``args`` has ``config`` (a PairAugConfig with a ``train`` section, already
-    loaded with the overrides) and optional ``studies``, ``pairs``, ``mix``, ``out``, ``name``,
-    ``steps`` that override it. Prints the result as one JSON line."""
+    """`pairaug train`: the flags become ``train.*`` overrides of the PairAugConfig loaded from
+    ``args.config`` (YAML, optional) + ``args.overrides``; prints the result as one JSON line."""
+    from pairaug_ray.config import load_config
     from pairaug_ray.pipeline import init_ray
 
-    cfg = args.config
-    updates = {}
-    for key in ("studies", "pairs", "out", "name", "steps"):
-        value = getattr(args, key, None)
-        if value is not None:
-            updates[key] = value
+    extra = [f"train.{key}={getattr(args, key)}" for key in ("studies", "pairs", "out", "name", "steps")
+             if getattr(args, key, None) is not None]
     if getattr(args, "mix", None):
-        updates["mix"] = [m.strip() for m in args.mix.split(",") if m.strip()]
-    train_cfg = TrainConfig.model_validate({**cfg.train.model_dump(), **updates})
+        extra.append("train.mix=[" + ",".join(m.strip() for m in args.mix.split(",") if m.strip()) + "]")
+    cfg = load_config(getattr(args, "config", None), extra + list(getattr(args, "overrides", None) or []))
     init_ray(cfg.ray)
-    print(json.dumps(train_vlp(train_cfg, cfg.storage), default=str))
+    print(json.dumps(train_vlp(cfg.train, cfg.storage), default=str))
     return 0

@@ -148,7 +148,8 @@ def _ddp_worker(rank: int, world: int, port: int, pixels, texts, queue) -> None:
     n = len(texts) // world
     loss = step(pixels[rank * n:(rank + 1) * n], texts[rank * n:(rank + 1) * n])
     loss.backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    # numpy, not tensors: torch would share them by file descriptor with a process about to exit
+    grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
     queue.put((rank, float(loss), grads))
     dist.destroy_process_group()
 
@@ -178,7 +179,7 @@ def test_two_worker_loss_and_gradient_equal_single_process():
         assert worker_loss == pytest.approx(float(loss), rel=1e-5)
         assert grads.keys() == expected.keys()
         for name, g in expected.items():  # DDP-averaged gradient == single-process gradient
-            assert torch.allclose(grads[name], g, rtol=1e-3, atol=1e-6), name
+            assert torch.allclose(torch.from_numpy(grads[name]), g, rtol=1e-3, atol=1e-6), name
     assert expected["logit_scale"].abs() > 0 and expected["image_projection.weight"].abs().sum() > 0
 
 
@@ -194,10 +195,10 @@ def test_training_lowers_loss_and_writes_the_run_folder(reference):
     assert result["final_loss"] == pytest.approx(losses[-1])
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05, losses
     lrs = [line["lr"] for line in lines]
-    assert lrs[0] < lrs[1] == pytest.approx(2e-3, rel=0.02) and lrs[-1] < 0.1 * lrs[1]  # warm-up, cosine
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(2e-3) and lrs[-1] < 0.1 * lrs[2]  # warm-up, cosine
     assert all(line["samples_per_s"] > 0 for line in lines) and result["samples_per_s"] > 0
     run_dir = result["run_dir"]
-    ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_"))
+    ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0"))
     assert ckpts == ["checkpoint_0000004", "checkpoint_0000008", "checkpoint_0000012"]
     assert os.path.exists(os.path.join(run_dir, ckpts[-1], "train_state.pt"))
     assert result["checkpoint"].endswith("checkpoint_0000012")
@@ -233,8 +234,10 @@ def test_stop_and_resume_with_checkpoints_on_s3(studies, reference, s3_bucket, t
 
     run = Store(f"s3://{bucket}/train/run", storage)
     names = {p.rsplit("/", 1)[-1] for p in run.fs.ls(run.root, detail=False)}
-    assert {"checkpoint_0000004", "checkpoint_0000006", "checkpoint_0000008", "checkpoint_0000012",
-            "metrics.jsonl", "model"} <= names
+    assert {"metrics.jsonl", "model"} <= names
+    # keep_checkpoints=3: the one at step 4 is gone; the stop at step 6 left one.
+    assert sorted(n for n in names if n.startswith("checkpoint_0")) == \
+        ["checkpoint_0000006", "checkpoint_0000008", "checkpoint_0000012"]
     lines = read_metrics(second["run_dir"], storage)
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     assert _losses(lines) == pytest.approx(_losses(reference[1]), abs=1e-4)
