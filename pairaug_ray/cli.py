@@ -85,24 +85,50 @@ def cmd_label(args) -> int:
 
 def cmd_demo(args) -> int:
     from pairaug_ray import phantom
-    from pairaug_ray.pipeline import run_augment, run_ingest
+    from pairaug_ray.pipeline import init_ray, run_augment, run_ingest
 
     out = os.path.abspath(args.out)
-    ingest_out, augment_out = os.path.join(out, "ingest"), os.path.join(out, "augment")
+    ingest_out, augment_out, train_out = (os.path.join(out, d) for d in ("ingest", "augment", "train"))
     cfg = _config(args, [f"ingest.out={ingest_out}", f"augment.studies={ingest_out}",
-                         f"augment.out={augment_out}"])
+                         f"augment.out={augment_out}", f"train.studies={ingest_out}",
+                         f"train.pairs={augment_out}", f"train.out={train_out}"])
+    train = not args.no_train
+    n_steps = 6 if train else 3
     t0 = time.perf_counter()
+
+    def step(i: int, text: str) -> None:
+        print(f"[demo] {i}/{n_steps} {text}", flush=True)
+
     phantom_dir = os.path.join(out, "phantom")
-    print(f"[demo] 1/3 writing {args.n} PhantomCXR studies as DICOM to {phantom_dir}", flush=True)
+    step(1, f"writing {args.n} PhantomCXR studies as DICOM to {phantom_dir}")
     counts = phantom.write_dataset(phantom_dir, n=args.n, seed=args.seed, size=args.size,
                                    report_source=args.reports)
     print(f"[demo]     {json.dumps(counts, default=str)}", flush=True)
-    print("[demo] 2/3 ingest on Ray Data: decode → label → write", flush=True)
+    step(2, "ingest on Ray Data: decode → label → write")
     cfg.ingest.source = phantom_dir
     ingest = run_ingest(cfg)
-    print("[demo] 3/3 augment on Ray Data: rewrite → InterAug generate / IntraAug edit → score "
-          "→ prune → write", flush=True)
+    scorer = final = None
+    if train:
+        from pairaug_ray.train.vlp import train_vlp
+
+        init_ray(cfg.ray)
+        step(3, "Ray Train: a first VLP on the original pairs, used as the pruning scorer")
+        scorer = train_vlp(cfg.train.model_copy(update={"mix": ["original"], "name": "original"}),
+                           cfg.storage)
+        cfg.augment.score.model = scorer["model_dir"]
+    step(4 if train else 3, "augment on Ray Data: rewrite → InterAug generate / IntraAug edit → "
+         "score → prune → write")
     aug = run_augment(cfg)
+    results = None
+    if train:
+        from pairaug_ray.train.evaluate import run_evaluate
+
+        step(5, "Ray Train: the final VLP on original + kept InterAug and IntraAug pairs")
+        final = train_vlp(cfg.train.model_copy(update={"mix": ["original", "inter", "intra"],
+                                                       "name": "pairaug"}), cfg.storage)
+        step(6, "zero-shot evaluation of both on the test split")
+        results = run_evaluate([f"original={scorer['model_dir']}", f"pairaug={final['model_dir']}"],
+                               ingest_out, os.path.join(out, "evaluate"), storage=cfg.storage)
     secs = time.perf_counter() - t0
     b = aug["branches"]
     print()
@@ -115,7 +141,17 @@ def cmd_demo(args) -> int:
     print(f"  manifests           : {ingest_out}/manifest.json, {augment_out}/manifest.json")
     if aug.get("report"):
         print(f"  visual report       : {aug['report']}")
+    if results:
+        for name in ("original", "pairaug"):
+            zs = results["models"][name]["zeroshot"]
+            print(f"  zero-shot mean AUC  : {name:<8} {_fmt(zs.get('mean_auc'))}  "
+                  f"(VLP {results['models'][name]['uri']})")
+        print(f"  evaluation          : {results['files']['results.md']}")
     return 0
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--reports", choices=["auto", "iu", "template"], default="auto")
+    sp.add_argument("--no-train", action="store_true",
+                    help="skip the VLP training and evaluation (ingest + augment only)")
     sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     sp.set_defaults(func=cmd_demo)
     return p

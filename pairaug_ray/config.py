@@ -119,7 +119,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 RESOURCE_FIELDS = {"batch_size", "min_actors", "max_actors", "num_cpus", "num_gpus",
                    "accelerator_type", "resources", "device", "dtype", "request_timeout_s",
                    "concurrency", "max_retries", "backoff_s", "backoff_max_s", "api_key_env",
-                   "max_variants_per_call"}
+                   "max_variants_per_call", "retry_max_actors", "max_concurrent_batches",
+                   "helper_num_cpus", "log_engine_metrics"}
 
 
 def fingerprint(model: BaseModel, exclude: set[str] | None = None) -> str:
@@ -130,8 +131,10 @@ def fingerprint(model: BaseModel, exclude: set[str] | None = None) -> str:
 
 def output_fingerprint(*stage_configs: BaseModel) -> str:
     """Hash of the stage settings that change outputs; pool sizes and devices do not count."""
-    parts = []
-    for cfg in stage_configs:
-        dump = cfg.model_dump(mode="json")
-        parts.append({k: v for k, v in dump.items() if k not in RESOURCE_FIELDS})
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in RESOURCE_FIELDS}
+        return node
+
+    parts = [strip(cfg.model_dump(mode="json")) for cfg in stage_configs]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]

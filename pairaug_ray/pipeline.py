@@ -234,7 +234,12 @@ def run_augment(cfg: PairAugConfig) -> dict:
                               fn_kwargs={"acfg_json": acfg.model_dump_json(), "fp": fp, "done": done})
 
     # 3-6. Rewrite → InterAug generate → IntraAug edit → score, each an actor pool.
-    ds = planned.map_batches(RewriteStage, **acfg.rewrite.map_batches_kwargs(RewriteStage))
+    if acfg.rewrite.backend == "vllm":
+        from pairaug_ray.llm.vllm_backend import add_vllm_rewrite
+
+        ds = add_vllm_rewrite(planned, acfg.rewrite)  # ray.data.llm chain (or in-actor engine)
+    else:
+        ds = planned.map_batches(RewriteStage, **acfg.rewrite.map_batches_kwargs(RewriteStage))
     ds = ds.map_batches(GenerateStage, **acfg.generate.map_batches_kwargs(GenerateStage))
     ds = ds.map_batches(EditStage, **acfg.edit.map_batches_kwargs(EditStage))
     ds = ds.map_batches(ScoreStage, **acfg.score.map_batches_kwargs(ScoreStage))

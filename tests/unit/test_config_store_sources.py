@@ -108,3 +108,14 @@ def test_manifest_sources(tmp_path):
         list_items(str(tmp_path / "bad.csv"))
     with pytest.raises(SourceError, match="not found"):
         list_items(str(tmp_path / "nowhere"))
+
+
+def test_output_fingerprint_ignores_resources_at_any_depth():
+    from pairaug_ray.config import output_fingerprint
+    from pairaug_ray.stages.rewrite import RewriteConfig
+
+    base = RewriteConfig()
+    moved = RewriteConfig(max_actors=9, num_cpus=3, request_timeout_s=5,
+                          vllm={**base.vllm.model_dump(), "retry_max_actors": 7})
+    assert output_fingerprint(base) == output_fingerprint(moved)
+    assert output_fingerprint(base) != output_fingerprint(RewriteConfig(max_words=40))
