@@ -146,11 +146,18 @@ def test_augment_to_s3(studies, s3_bucket):
 
 def test_demo_runs_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli_main(["demo", "--n", "6", "--size", "64", "--out", str(out), "ingest.decode.image_size=32",
-                   *FAST])
+    rc = cli_main(["demo", "--n", "10", "--size", "64", "--out", str(out), "ingest.decode.image_size=32",
+                   *FAST, "train.steps=4", "train.checkpoint_every=4", "train.batch_size=8",
+                   "train.warmup_steps=1", "train.image_size=32"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "PairAug demo finished" in text and "training pairs" in text
+    assert "zero-shot mean AUC  : original" in text and "zero-shot mean AUC  : pairaug" in text
+    assert (out / "train" / "original" / "model" / "config.json").exists()
+    assert (out / "train" / "pairaug" / "model" / "config.json").exists()
+    assert (out / "evaluate" / "results.md").exists()
+    scorer = pq.read_table(next((out / "augment" / "candidates").glob("*.parquet")), columns=["score_model"])
+    assert scorer.column("score_model")[0].as_py().endswith(os.path.join("original", "model"))
     assert (out / "augment" / "report.html").exists()
     assert (out / "augment" / "manifest.json").exists() and (out / "ingest" / "manifest.json").exists()
     shards = list((out / "augment" / "pairs").glob("*.parquet"))
