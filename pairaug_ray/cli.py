@@ -7,6 +7,8 @@ Usage::
     pairaug ingest data/phantom --out runs/ingest ingest.decode.image_size=128
     pairaug augment --config jobs/configs/demo.yaml --studies runs/ingest --out runs/augment
     pairaug train --studies runs/ingest --pairs runs/augment --mix original,inter,intra --out runs/train
+    pairaug evaluate --model original=runs/train/vlp/model --studies runs/ingest --out runs/eval
+    pairaug ablate --studies runs/ingest --pairs runs/augment --out runs/ablate --steps 200
     pairaug label < reports.jsonl > labels.jsonl   # {"id","report"} per line → labels per line
 
 Every job command takes ``--config FILE`` (YAML) and trailing ``section.key=value`` overrides.
@@ -34,6 +36,16 @@ def _config(args, extra: list[str] | None = None):
     if path is None and getattr(args, "default_config", None):
         path = args.default_config if os.path.exists(args.default_config) else None
     return load_config(path, list(extra or []) + list(args.overrides or []))
+
+
+def _with_loaded_config(cmd):
+    """Adapts a command that takes ``args.config`` as the loaded PairAugConfig."""
+
+    def run(args) -> int:
+        args.config = _config(args)
+        return cmd(args)
+
+    return run
 
 
 def cmd_phantom(args) -> int:
@@ -192,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = job("train", "train the VLP on Ray Train (studies + kept augmented pairs)")
     add_train_arguments(sp)
     sp.set_defaults(func=cmd_train)
+
+    from pairaug_ray.train.ablate import add_ablate_args, cmd_ablate
+    from pairaug_ray.train.evaluate import add_evaluate_args, cmd_evaluate
+
+    sp = job("evaluate", "zero-shot (and optionally fine-tuned) evaluation of VLPs: table + plots")
+    add_evaluate_args(sp)
+    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    sp.set_defaults(func=_with_loaded_config(cmd_evaluate))
+
+    sp = job("ablate", "the paper's ablation: VLPs on original / +InterAug / +IntraAug / both / "
+             "text-only / image-only, each evaluated zero-shot and fine-tuned")
+    add_ablate_args(sp)
+    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    sp.set_defaults(func=_with_loaded_config(cmd_ablate))
 
     sp = sub.add_parser("label", help="label reports: JSONL {id, report} → JSONL of labels")
     sp.add_argument("input", nargs="?", default="-", help="JSONL file (default stdin)")

@@ -28,6 +28,8 @@ from pairaug_ray.stages.label import LabelConfig
 from pairaug_ray.stages.prune import PruneConfig
 from pairaug_ray.stages.rewrite import RewriteConfig
 from pairaug_ray.stages.score import ScoreConfig
+from pairaug_ray.train.ablate import AblateConfig
+from pairaug_ray.train.evaluate import EvaluateConfig
 from pairaug_ray.train.vlp import TrainConfig
 
 
@@ -78,6 +80,8 @@ class PairAugConfig(_Strict):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ablate: AblateConfig = Field(default_factory=AblateConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

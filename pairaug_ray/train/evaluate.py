@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pairaug_ray.findings import OBSERVATIONS
 from pairaug_ray.io.store import StorageConfig, Store
-from pairaug_ray.train.zeroshot import load_labeled, parse_templates, zeroshot_eval
 
 
 class EvaluateConfig(BaseModel):
@@ -199,6 +198,7 @@ def run_evaluate(models: str | Sequence[str], studies: str, out: str, *, split: 
     """Zero-shot evaluate each model (and fine-tune it when fractions are given); write the table
     and plots under ``out``. Returns the results dict (also ``results.json``)."""
     from pairaug_ray.models.vlp import load_vlp
+    from pairaug_ray.train.zeroshot import load_labeled, parse_templates, zeroshot_eval
 
     t0 = time.perf_counter()
     specs = [models] if isinstance(models, str) else list(models)
@@ -214,32 +214,34 @@ def run_evaluate(models: str | Sequence[str], studies: str, out: str, *, split: 
                      "templates": None, "models": {}, "finetune_fractions": list(finetune_fractions),
                      "finetune_mode": finetune_mode, "finetune_steps": finetune_steps}
     curves = {}
-    data_cache: dict[tuple, object] = {}  # labeled sets per (split, image size): read once
+    loaded = {}
+    test_data = train_data = None
     for name, uri in named:
         model = load_vlp(uri)
-        size = model.config.image_size
-
-        def data(sp: str):
-            if (sp, size) not in data_cache:
-                data_cache[(sp, size)] = load_labeled(studies, sp, storage, image_size=size)
-            return data_cache[(sp, size)]
-
-        zs = zeroshot_eval(model, data(split), split=split, classes=classes, templates=templates,
+        if test_data is None:  # read once, at the first model's size (preprocess resizes for others)
+            test_data = load_labeled(studies, split, storage, image_size=model.config.image_size)
+        zs = zeroshot_eval(model, test_data, split=split, classes=classes, templates=templates,
                            bootstrap=bootstrap, seed=seed, uncertain=uncertain, return_scores=True)
         curves[name] = (np.asarray(zs.pop("y"), dtype=np.float32), np.asarray(zs.pop("scores")))
         zs["model"] = uri
-        entry = {"uri": uri, "zeroshot": zs}
-        if finetune_fractions:
-            from pairaug_ray.train.finetune import finetune_fractions as run_finetune
-
-            entry["finetune"] = run_finetune(
-                model, studies, list(finetune_fractions), finetune_mode, finetune_steps,
-                storage=storage, train_data=data(finetune_train_split), test_data=data(split),
-                classes=classes, uncertain=uncertain, bootstrap=bootstrap, seed=seed,
-                num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
-        results["models"][name] = entry
+        results["models"][name] = {"uri": uri, "zeroshot": zs}
         results["templates"] = zs["templates"]
         results["n_images"] = zs["n_images"]
+        loaded[name] = model
+    if finetune_fractions:  # every model and fraction in one Ray Train run
+        from pairaug_ray.train.finetune import finetune_models
+
+        train_data = load_labeled(studies, finetune_train_split, storage,
+                                  image_size=next(iter(loaded.values())).config.image_size)
+        per_model = finetune_models(
+            list(loaded.values()), studies, list(finetune_fractions), finetune_mode, finetune_steps,
+            storage=storage, train_data=train_data, test_data=test_data, classes=classes,
+            uncertain=uncertain, bootstrap=bootstrap, seed=seed, num_workers=num_workers,
+            cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
+        for name, ft in zip(loaded, per_model):
+            for r in ft:
+                r["model"] = results["models"][name]["uri"]
+            results["models"][name]["finetune"] = ft
     results["seconds"] = round(time.perf_counter() - t0, 2)
 
     store = Store(out, storage)

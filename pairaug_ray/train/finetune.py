@@ -14,14 +14,16 @@ subset is inside the 10% one.
 
 The tables are read on the driver (``Store.read_table``) and the images shipped to the workers
 through the object store: fine-tuning sets are small, and reading Parquet through Ray Data while
-the training workers hold the CPUs of a small cluster can deadlock. The driver also scores the
-test split with the trained checkpoint (rank 0 reports it).
+the training workers hold the CPUs of a small cluster can deadlock. One ``TorchTrainer`` run
+trains every (model, fraction) job in turn (worker-group start-up is the dominant cost at this
+scale); rank 0 reports one checkpoint with every job's weights and the driver scores the test split.
 
 Usage::
 
-    from pairaug_ray.train.finetune import finetune
+    from pairaug_ray.train.finetune import finetune, finetune_models
     res = finetune("runs/vlp/model", "runs/ingest", fraction=0.01, mode="linear", steps=100)
     res["mean_auc"], res["n_train_patients"], res["classes"]["Cardiomegaly"]["auc"]
+    per_model = finetune_models(["runs/a/model", "runs/b/model"], "runs/ingest", [0.01, 0.1, 1.0])
 """
 from __future__ import annotations
 
@@ -161,8 +163,8 @@ def _standardize(model: ImageClassifier, feats: torch.Tensor) -> None:
 
 
 def _train_loop(config: dict) -> None:
-    """Ray Train worker: for each job (a label fraction) train a fresh classifier on this worker's
-    share of the job's rows; rank 0 reports one checkpoint holding every job's weights."""
+    """Ray Train worker: for each job (a model and a label fraction) train a fresh classifier on
+    this worker's share of the job's rows; rank 0 reports one checkpoint holding every job's weights."""
     import ray
     import ray.train
     import ray.train.torch
@@ -173,20 +175,20 @@ def _train_loop(config: dict) -> None:
     data = ray.get(config["data_ref"])
     linear = config["mode"] == "linear"
     states, metrics = {}, {}
-    frozen_feats: dict[int, torch.Tensor] = {}  # linear: features of each row, encoded once
-    for job, rows in enumerate(config["jobs"]):
+    frozen_feats: dict[tuple[int, int], torch.Tensor] = {}  # linear: (model, row) encoded once
+    for job, (m, rows) in enumerate(config["jobs"]):
         torch.manual_seed(config["seed"])
-        model: ImageClassifier = ray.get(config["model_ref"]).to(device)  # a fresh copy per job
+        model: ImageClassifier = ray.get(config["model_refs"][m]).to(device)  # a fresh copy per job
         mine = _job_rows(rows, rank, world)
         # Copies: object-store arrays are read-only views.
         images = np.array(data["images"][mine])
         targets = torch.from_numpy(np.array(data["targets"][mine]))
         if linear:
-            todo = [r for r in mine if r not in frozen_feats]
+            todo = [r for r in mine if (m, r) not in frozen_feats]
             if todo:
                 for r, f in zip(todo, _features(model, np.array(data["images"][todo]), device)):
-                    frozen_feats[r] = f
-            feats = torch.stack([frozen_feats[r] for r in mine])
+                    frozen_feats[(m, r)] = f
+            feats = torch.stack([frozen_feats[(m, r)] for r in mine])
         else:
             feats = _features(model, images, device)
         _standardize(model, feats)
@@ -242,54 +244,60 @@ def _load_data(cfg: FinetuneConfig, storage, image_size, train_data, test_data):
     return train_data, test_data
 
 
-def finetune_fractions(model_uri="tiny://vlp?seed=0", studies: str = "",
-                       fractions: Sequence[float] = (0.01, 0.1, 1.0), mode: str = "linear",
-                       steps: int = 100, *, storage: StorageConfig | None = None,
-                       train_data: LabeledSet | None = None, test_data: LabeledSet | None = None,
-                       **kwargs) -> list[dict]:
-    """Fine-tune one classifier per label fraction (one Ray Train run for all of them).
+def finetune_models(models: Sequence, studies: str = "", fractions: Sequence[float] = (0.01, 0.1, 1.0),
+                    mode: str = "linear", steps: int = 100, *, storage: StorageConfig | None = None,
+                    train_data: LabeledSet | None = None, test_data: LabeledSet | None = None,
+                    **kwargs) -> list[list[dict]]:
+    """Fine-tune one classifier per (model, label fraction), all in one Ray Train run.
 
-    ``model_uri``: a VLP folder, ``tiny://`` uri or a loaded ``VLPModel``. ``train_data`` /
-    ``test_data`` (``zeroshot.load_labeled`` results) skip re-reading the table when a caller runs
-    many fine-tunes (the ablation). Other keywords: ``FinetuneConfig`` fields. One result per
-    fraction: {"mean_auc", "mean_auc_chexpert5", "classes", "fraction", "mode", "n_train",
-    "n_train_patients", "loss_first", "loss_final", "seconds", ...}.
+    ``models``: VLP folders, ``tiny://`` uris or loaded ``VLPModel``s. ``train_data`` /
+    ``test_data`` (``zeroshot.load_labeled`` results) skip re-reading the table. Other keywords:
+    ``FinetuneConfig`` fields. Returns, per model, one result per fraction: {"mean_auc",
+    "mean_auc_chexpert5", "classes", "fraction", "mode", "n_train", "n_train_patients",
+    "loss_first", "loss_final", "seconds", ...}.
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pairaug_ray.models.vlp import VLPModel, load_vlp
+    from pairaug_ray.models.vlp import load_vlp
 
-    fractions = list(fractions)
-    cfg = FinetuneConfig(model=model_uri if isinstance(model_uri, str) else "model", studies=studies,
-                         fraction=fractions[0], mode=mode, steps=steps, **kwargs)
+    fractions, models = list(fractions), list(models)
+    if not models or not fractions:
+        raise ValueError("finetune_models needs at least one model and one fraction")
+    names = [str(m) if isinstance(m, (str, os.PathLike)) else "in-memory model" for m in models]
+    cfg = FinetuneConfig(model=names[0], studies=studies, fraction=fractions[0], mode=mode,
+                         steps=steps, **kwargs)
     for f in fractions:
         if not 0 < f <= 1:
             raise ValueError(f"fractions must be in (0, 1], got {f}")
     t0 = time.perf_counter()
-    vlp = model_uri if isinstance(model_uri, VLPModel) else load_vlp(model_uri)
+    vlps = [load_vlp(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
     classes = list(cfg.classes or OBSERVATIONS)
-    train, test = _load_data(cfg, storage, vlp.config.image_size, train_data, test_data)
-    jobs = [fraction_index(train.patient_ids, f, cfg.seed) for f in fractions]
+    # One copy of the images at the first model's size; each model's preprocess resizes if needed.
+    train, test = _load_data(cfg, storage, vlps[0].config.image_size, train_data, test_data)
+    rows_of = [fraction_index(train.patient_ids, f, cfg.seed) for f in fractions]
+    jobs = [(m, rows) for m in range(len(vlps)) for rows in rows_of]
     targets = label_matrix(train.labels, classes, cfg.uncertain)
 
-    torch.manual_seed(cfg.seed)
-    model = ImageClassifier(vlp, len(classes))
+    classifiers = []
+    for vlp in vlps:
+        torch.manual_seed(cfg.seed)
+        classifiers.append(ImageClassifier(vlp, len(classes)))
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     data_ref = ray.put({"images": train.images, "targets": targets})
-    model_ref = ray.put(model)
+    model_refs = [ray.put(c) for c in classifiers]
     tmp_storage = tempfile.mkdtemp(prefix="pairaug-finetune-") if cfg.storage_path is None else None
     storage_path = cfg.storage_path or tmp_storage
     fs = None
     if split_protocol(storage_path)[0] != "file":
         fs = Store(storage_path, storage).pyarrow_filesystem()
         storage_path = storage_path.split("://", 1)[1]
-    run_name = f"finetune-{cfg.mode}-{hashlib.sha1(repr((cfg, fractions)).encode()).hexdigest()[:10]}"
+    run_name = f"finetune-{cfg.mode}-{hashlib.sha1(repr((cfg, names, fractions)).encode()).hexdigest()[:10]}"
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"data_ref": data_ref, "model_ref": model_ref, "mode": cfg.mode,
+        train_loop_config={"data_ref": data_ref, "model_refs": model_refs, "mode": cfg.mode,
                            "jobs": jobs, "steps": cfg.steps, "batch_size": cfg.batch_size,
                            "lr": cfg.lr or DEFAULT_LR[cfg.mode], "weight_decay": cfg.weight_decay,
                            "seed": cfg.seed},
@@ -308,31 +316,43 @@ def finetune_fractions(model_uri="tiny://vlp?seed=0", studies: str = "",
     train_seconds = time.perf_counter() - t0
 
     y_test = label_matrix(test.labels, classes, cfg.uncertain)
-    shared_feats = None
-    results = []
-    for job, (fraction, rows) in enumerate(zip(fractions, jobs)):
+    results: list[list[dict]] = [[] for _ in vlps]
+    frozen: dict[int, torch.Tensor] = {}  # linear: test features per model, encoded once
+    for job, (m, rows) in enumerate(jobs):
+        model = classifiers[m]
         model.load_state_dict(states[job])
         model.eval()
         with torch.no_grad():
-            if cfg.mode == "full" or shared_feats is None:
+            feats = frozen.get(m)
+            if feats is None:
                 feats = _features(model, test.images, "cpu")
-                shared_feats = feats if cfg.mode == "linear" else None  # frozen tower: encode once
-            scores = torch.sigmoid(model.classify(shared_feats if shared_feats is not None else feats)).numpy()
+                if cfg.mode == "linear":
+                    frozen[m] = feats
+            scores = torch.sigmoid(model.classify(feats)).numpy()
         res = score_classes(y_test, scores, classes, bootstrap=cfg.bootstrap, seed=cfg.seed)
         res.update({
-            "mode": cfg.mode, "fraction": fraction, "steps": cfg.steps, "model": cfg.model,
-            "n_train": len(rows), "n_train_patients": len({train.patient_ids[i] for i in rows}),
+            "mode": cfg.mode, "fraction": fractions[job % len(fractions)], "steps": cfg.steps,
+            "model": names[m], "n_train": len(rows),
+            "n_train_patients": len({train.patient_ids[i] for i in rows}),
             "n_train_patients_total": len(set(train.patient_ids)), "n_test": len(test),
             "loss_first": metrics.get(f"job{job}_loss_first"),
             "loss_final": metrics.get(f"job{job}_loss_final")})
-        results.append(res)
+        results[m].append(res)
     total = time.perf_counter() - t0
-    for res in results:
-        res.update({"train_seconds": round(train_seconds, 2), "seconds": round(total, 2)})
+    for per_model in results:
+        for res in per_model:
+            res.update({"train_seconds": round(train_seconds, 2), "seconds": round(total, 2)})
     return results
+
+
+def finetune_fractions(model_uri="tiny://vlp?seed=0", studies: str = "",
+                       fractions: Sequence[float] = (0.01, 0.1, 1.0), mode: str = "linear",
+                       steps: int = 100, **kwargs) -> list[dict]:
+    """One model, one classifier per label fraction (see `finetune_models`)."""
+    return finetune_models([model_uri], studies, fractions, mode, steps, **kwargs)[0]
 
 
 def finetune(model_uri="tiny://vlp?seed=0", studies: str = "", fraction: float = 1.0,
              mode: str = "linear", steps: int = 100, **kwargs) -> dict:
-    """Fine-tune on `fraction` of the training patients; per-class test AUC (see `finetune_fractions`)."""
-    return finetune_fractions(model_uri, studies, [fraction], mode, steps, **kwargs)[0]
+    """Fine-tune on `fraction` of the training patients; per-class test AUC (see `finetune_models`)."""
+    return finetune_models([model_uri], studies, [fraction], mode, steps, **kwargs)[0][0]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -95,6 +96,13 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
 
 
+def _in_split(value: str | None, split: str | None) -> bool:
+    """`split`: one name, a comma-separated list ("validate,test"), or None / "" / "all"."""
+    if split in (None, "", "all"):
+        return True
+    return (value or "") in {s.strip() for s in split.split(",")}
+
+
 def _studies_table(source: str, split: str | None, storage: StorageConfig | None, image_size: int | None):
     from pairaug_ray.io.dicom import decode_png
 
@@ -102,7 +110,7 @@ def _studies_table(source: str, split: str | None, storage: StorageConfig | None
     table = store.read_table("studies", columns=["row_id", "patient_id", "split", "labels", "image_png"])
     if table is None:
         raise FileNotFoundError(f"no studies table under {source}")
-    rows = [r for r in table.to_pylist() if split in (None, "", "all") or r["split"] == split]
+    rows = [r for r in table.to_pylist() if _in_split(r["split"], split)]
     images = [decode_png(r["image_png"]) for r in rows]
     if image_size is not None:
         images = [_resize(im[None], image_size)[0] for im in images]
@@ -131,7 +139,7 @@ def _manifest_csv(source: str, split: str | None, storage: StorageConfig | None,
     base = posixpath.dirname(path)
     images, labels, patients, ids = [], [], [], []
     for rec in records:
-        if split not in (None, "", "all") and "split" in rec and rec["split"] != split:
+        if "split" in rec and not _in_split(rec["split"], split):
             continue
         rel = rec.get("Path") or rec.get("path") or rec.get("image")
         if not rel:
@@ -156,7 +164,8 @@ def load_labeled(source: str, split: str | None = "test", storage: StorageConfig
                  image_size: int | None = None) -> LabeledSet:
     """Read a labeled table on the driver: an ingest folder's studies (one split) or a CSV manifest.
 
-    ``split=None`` / ``"all"`` keeps every row. Images are resized to ``image_size`` when given.
+    ``split`` is a split name or a comma-separated list (``"validate,test"``); ``None`` / ``"all"``
+    keeps every row. Images are resized to ``image_size`` when given.
     """
     if source.lower().endswith((".csv", ".csv.gz")):
         return _manifest_csv(source, split, storage, image_size)
@@ -247,9 +256,10 @@ def zeroshot_eval(model_uri, studies: str | LabeledSet, split: str | None = "tes
     ``studies``: an ingest folder, a CheXpert-style CSV, or a ``LabeledSet``.
     With ``return_scores`` the result also holds ``"y"`` and ``"scores"`` ([N, C] lists) for plots.
     """
-    from pairaug_ray.models.vlp import VLPModel, load_vlp
+    from pairaug_ray.models.vlp import load_vlp
 
-    model = model_uri if isinstance(model_uri, VLPModel) else load_vlp(model_uri)
+    # Anything with encode_image / encode_text / config (a VLPModel) is used as it is.
+    model = load_vlp(model_uri) if isinstance(model_uri, (str, os.PathLike)) else model_uri
     classes = list(classes or OBSERVATIONS)
     data = studies if isinstance(studies, LabeledSet) else \
         load_labeled(studies, split, storage, image_size=model.config.image_size)
@@ -258,7 +268,7 @@ def zeroshot_eval(model_uri, studies: str | LabeledSet, split: str | None = "tes
     scores = zeroshot_scores(img, pos, neg)
     y = label_matrix(data.labels, classes, uncertain)
     res = score_classes(y, scores, classes, bootstrap, seed)
-    res.update({"model": model_uri if isinstance(model_uri, str) else getattr(model_uri, "name", "model"),
+    res.update({"model": str(model_uri) if isinstance(model_uri, (str, os.PathLike)) else "in-memory model",
                 "split": split, "templates": [list(t) for t in (templates or DEFAULT_TEMPLATES)],
                 "uncertain": uncertain, "bootstrap": bootstrap})
     if return_scores:

@@ -1,0 +1,312 @@
+"""The PairAug ablation: which augmented pairs make the better VLP, at any scale, as one command.
+
+Variants (``train_vlp(mix=...)``; same initial weights, seed, step budget and batch size):
+
+    (a) original     real pairs only                              mix [original]
+    (b) inter        + InterAug kept pairs (new patients)         mix [original, inter]
+    (c) intra        + IntraAug kept pairs (changed condition)    mix [original, intra]
+    (d) pairaug      + both                                       mix [original, inter, intra]
+    (e) text_only    + rewritten reports with the original image  mix [original, text_only]
+    (f) image_only   + classical image transforms, original text  mix [original, image_only]
+
+Sources are sampled in proportion to their sizes (``TrainConfig.ratio`` empty); with the same step
+budget every variant sees the same number of samples, so an augmented variant sees fewer real
+ones (as when the paper adds augmented pairs to the training set). Each trained VLP is evaluated
+zero-shot (CheXzero protocol, ``zeroshot.py``) and fine-tuned on 1% / 10% / 100% of the training
+labels (linear probe by default, ``finetune.py``), all on the same test split.
+
+Output under ``out`` (local or ``s3://``): ``runs/<variant>/`` (the training runs; re-running
+resumes / reuses them), ``ablation.md`` (the table + per-class detail), ``ablation.json``,
+``auc_bars.png``, ``roc.png``.
+
+Usage::
+
+    from pairaug_ray.train.ablate import AblateConfig, run_ablate
+    res = run_ablate(AblateConfig(studies="runs/ingest", pairs="runs/augment", out="runs/ablate", steps=200))
+
+    pairaug ablate --studies runs/ingest --pairs runs/augment --out runs/ablate --steps 200
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pairaug_ray.io.store import StorageConfig, Store, filesystem, split_protocol
+
+VARIANTS: dict[str, list[str]] = {
+    "original": ["original"],
+    "inter": ["original", "inter"],
+    "intra": ["original", "intra"],
+    "pairaug": ["original", "inter", "intra"],
+    "text_only": ["original", "text_only"],
+    "image_only": ["original", "image_only"],
+}
+VARIANT_LABELS = {
+    "original": "(a) original", "inter": "(b) + InterAug", "intra": "(c) + IntraAug",
+    "pairaug": "(d) + both (PairAug)", "text_only": "(e) text-only aug.", "image_only": "(f) image-only aug.",
+}
+
+
+class AblateConfig(BaseModel):
+    """`pairaug ablate` settings (a PairAugConfig ``ablate:`` section)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    studies: str = Field("pairaug_out/ingest", description="ingest output folder with studies/")
+    pairs: str | None = Field("pairaug_out/augment", description="augment output folder with pairs/")
+    out: str = Field("pairaug_out/ablate", description="runs, table and plots go here")
+    variants: list[str] = Field(default_factory=lambda: list(VARIANTS),
+                                description=f"subset of {list(VARIANTS)}")
+    model: str = Field("tiny://vlp?seed=0", description="initial VLP weights (same for every variant)")
+    steps: int = Field(200, ge=1, description="VLP step budget, the same for every variant")
+    batch_size: int = Field(32, ge=2)
+    seed: int = 0
+    train: dict[str, Any] = Field(default_factory=dict,
+                                  description="other TrainConfig fields (lr, warmup_steps, image_size...)")
+    fractions: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0])
+    finetune_mode: Literal["linear", "full"] = "linear"
+    finetune_steps: int = Field(100, ge=1)
+    split: str = Field("test", description="evaluation split")
+    classes: list[str] | None = None
+    templates: str | None = None
+    uncertain: Literal["ignore", "zeros", "ones"] = "ignore"
+    bootstrap: int = Field(200, ge=0)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+
+    @field_validator("variants")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [x for x in v if x not in VARIANTS]
+        if unknown or not v:
+            raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        return list(dict.fromkeys(v))
+
+
+def _local_model(uri: str, storage: StorageConfig | None, tmp: str) -> str:
+    """A local folder for `load_vlp`: remote model folders are copied into `tmp` first."""
+    if split_protocol(uri)[0] == "file":
+        return uri
+    fs, path = filesystem(uri, storage)
+    dest = os.path.join(tmp, posixpath.basename(posixpath.dirname(path)) or "model")
+    fs.get(path.rstrip("/") + "/", dest, recursive=True)
+    return dest
+
+
+def _tail_loss(run_dir: str, storage: StorageConfig | None, n: int = 10) -> float | None:
+    """Mean loss of the last `n` logged steps (one step's loss is noisy)."""
+    from pairaug_ray.train.vlp import read_metrics
+
+    try:
+        lines = read_metrics(run_dir, storage)
+    except (FileNotFoundError, OSError):
+        return None
+    losses = [m["loss"] for m in lines if m.get("loss") is not None]
+    return float(np.mean(losses[-n:])) if losses else None
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def ablation_markdown(res: dict) -> str:
+    """The summary table (one row per variant), then the evaluate-style per-class detail."""
+    from pairaug_ray.train.evaluate import results_markdown
+
+    fracs = res["fractions"]
+    head = ["variant", "training items (per source)", "final loss", "zero-shot mean AUC",
+            "zero-shot CheXpert-5"] + [f"FT {f * 100:g}% mean AUC" for f in fracs]
+    lines = [f"VLP: {res['steps']} steps x batch {res['batch_size']}, seed {res['seed']}, from "
+             f"`{res['model']}`; zero-shot and fine-tuning ({res['finetune_mode']}, "
+             f"{res['finetune_steps']} steps) on split `{res['split']}` of `{res['studies']}` "
+             f"({res['n_images']} images).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v, m in res["models"].items():
+        items = ", ".join(f"{k} {c}" for k, c in m["items_per_source"].items())
+        ft = {r["fraction"]: r["mean_auc"] for r in m.get("finetune", [])}
+        zs = m["zeroshot"]
+        ci = ""
+        if zs.get("mean_ci_low") is not None:
+            ci = f" [{zs['mean_ci_low']:.2f}, {zs['mean_ci_high']:.2f}]"
+        lines.append(f"| {VARIANT_LABELS[v]} | {items} | {_num(m['final_loss'])} | "
+                     f"{_num(zs['mean_auc'])}{ci} | {_num(zs['mean_auc_chexpert5'])} | "
+                     + " | ".join(_num(ft.get(f)) for f in fracs) + " |")
+    lines += ["", "Per-class zero-shot detail:", "", results_markdown({**res, "finetune_fractions": []})]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_auc_ci(y: np.ndarray, scores: np.ndarray, bootstrap: int, seed: int) -> tuple:
+    """Bootstrap CI of the mean over classes of the per-class AUC (images resampled jointly)."""
+    from sklearn.metrics import roc_auc_score
+
+    if bootstrap <= 0:
+        return None, None
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(y), len(y))
+        aucs = []
+        for j in range(y.shape[1]):
+            yy, ss = y[idx, j], scores[idx, j]
+            keep = ~np.isnan(yy)
+            if keep.any() and yy[keep].min() != yy[keep].max():
+                aucs.append(roc_auc_score(yy[keep].astype(int), ss[keep]))
+        if aucs:
+            means.append(np.mean(aucs))
+    if not means:
+        return None, None
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def run_ablate(cfg: AblateConfig, storage: StorageConfig | None = None) -> dict:
+    """Train each variant's VLP, evaluate it zero-shot and fine-tuned; write the table + plots."""
+    import ray
+
+    from pairaug_ray.findings import OBSERVATIONS
+    from pairaug_ray.models.vlp import load_vlp
+    from pairaug_ray.train.evaluate import plot_auc_bars, plot_roc
+    from pairaug_ray.train.finetune import finetune_models
+    from pairaug_ray.train.vlp import TrainConfig, train_vlp
+    from pairaug_ray.train.zeroshot import load_labeled, parse_templates, zeroshot_eval
+
+    t0 = time.perf_counter()
+    storage = storage or StorageConfig()
+    needs_pairs = [v for v in cfg.variants if set(VARIANTS[v]) & {"inter", "intra", "text_only"}]
+    if needs_pairs and not cfg.pairs:
+        raise ValueError(f"variants {needs_pairs} need a pairs folder (AblateConfig.pairs)")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    classes = list(cfg.classes or OBSERVATIONS)
+    templates = parse_templates(cfg.templates)
+    runs_dir = posixpath.join(cfg.out.rstrip("/"), "runs") if "://" in cfg.out \
+        else os.path.join(os.path.abspath(cfg.out), "runs")
+    res: dict = {**cfg.model_dump(), "classes": classes, "models": {}}
+    curves, loaded = {}, {}
+    test_data = None
+    with tempfile.TemporaryDirectory(prefix="pairaug-ablate-") as tmp:
+        for variant in cfg.variants:  # 1. train each variant's VLP, evaluate it zero-shot
+            tv = time.perf_counter()
+            tcfg = TrainConfig.model_validate({
+                **cfg.train, "studies": cfg.studies, "pairs": cfg.pairs, "mix": VARIANTS[variant],
+                "model": cfg.model, "out": runs_dir, "name": variant, "steps": cfg.steps,
+                "batch_size": cfg.batch_size, "seed": cfg.seed, "num_workers": cfg.num_workers,
+                "cpus_per_worker": cfg.cpus_per_worker, "use_gpu": cfg.use_gpu})
+            trained = train_vlp(tcfg, storage)
+            train_s = time.perf_counter() - tv
+            model = load_vlp(_local_model(trained["model_dir"], storage, tmp))
+            if test_data is None:
+                test_data = load_labeled(cfg.studies, cfg.split, storage, image_size=model.config.image_size)
+            zs = zeroshot_eval(model, test_data, split=cfg.split, classes=classes,
+                               templates=templates, bootstrap=cfg.bootstrap, seed=cfg.seed,
+                               uncertain=cfg.uncertain, return_scores=True)
+            y, scores = np.asarray(zs.pop("y"), dtype=np.float32), np.asarray(zs.pop("scores"))
+            curves[variant] = (y, scores)
+            zs["mean_ci_low"], zs["mean_ci_high"] = _mean_auc_ci(y, scores, cfg.bootstrap, cfg.seed)
+            loaded[variant] = model
+            res["models"][variant] = {
+                "uri": trained["model_dir"], "mix": VARIANTS[variant], "label": VARIANT_LABELS[variant],
+                "items_per_source": trained.get("items_per_source", {}),
+                "final_loss": _tail_loss(trained["run_dir"], storage) or trained.get("final_loss"),
+                "train_samples_per_s": trained.get("samples_per_s"),
+                "train_seconds": round(train_s, 2), "zeroshot": zs, "finetune": []}
+            res["n_images"] = zs["n_images"]
+            res["templates"] = zs["templates"]
+    if cfg.fractions:  # 2. fine-tune every variant on every fraction, in one Ray Train run
+        tf = time.perf_counter()
+        train_data = load_labeled(cfg.studies, "train", storage,
+                                  image_size=next(iter(loaded.values())).config.image_size)
+        per_variant = finetune_models(
+            list(loaded.values()), cfg.studies, cfg.fractions, cfg.finetune_mode, cfg.finetune_steps,
+            storage=storage, train_data=train_data, test_data=test_data, classes=classes,
+            uncertain=cfg.uncertain, bootstrap=cfg.bootstrap, seed=cfg.seed,
+            num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu)
+        for variant, ft in zip(loaded, per_variant):
+            for r in ft:
+                r["model"] = res["models"][variant]["uri"]
+            res["models"][variant]["finetune"] = ft
+        res["finetune_seconds"] = round(time.perf_counter() - tf, 2)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+
+    store = Store(cfg.out, storage)
+    store.write_json("ablation.json", res)
+    store.write_bytes("ablation.md", ablation_markdown(res).encode())
+    store.write_bytes("auc_bars.png", plot_auc_bars(res))
+    store.write_bytes("roc.png", plot_roc(res, curves))
+    res["files"] = {k: store.uri_of(k) for k in ("ablation.json", "ablation.md", "auc_bars.png", "roc.png")}
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+CLI_ARGUMENTS = """\
+pairaug ablate [--config FILE] [--studies DIR] [--pairs DIR] [--out DIR] [--steps N]
+               [--variants original,inter,intra,pairaug,text_only,image_only]
+               [--fractions 0.01,0.1,1.0] [--finetune-mode linear|full] [--finetune-steps N]
+               [--split test] [--batch-size N] [--bootstrap N] [ablate.key=value ...]"""
+
+
+def add_ablate_args(parser) -> None:
+    """The arguments of `pairaug ablate` (the lead's parser also adds --config and overrides)."""
+    parser.add_argument("--studies", help="ingest output folder (studies/)")
+    parser.add_argument("--pairs", help="augment output folder (pairs/)")
+    parser.add_argument("--out", help="output folder (local or s3://)")
+    parser.add_argument("--steps", type=int, help="VLP step budget per variant")
+    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--fractions", help="label fractions for fine-tuning, e.g. 0.01,0.1,1.0 ('' = none)")
+    parser.add_argument("--finetune-mode", choices=["linear", "full"])
+    parser.add_argument("--finetune-steps", type=int)
+    parser.add_argument("--split", help="evaluation split(s), e.g. test or validate,test")
+    parser.add_argument("--batch-size", type=int, help="VLP global batch size")
+    parser.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs")
+
+
+def cmd_ablate(args) -> int:
+    """`pairaug ablate`: ``args.config`` is the loaded PairAugConfig (an ``ablate`` section is used
+    when present); the flags of `add_ablate_args` override it. Prints one JSON line."""
+    from pairaug_ray.pipeline import init_ray
+
+    cfg = args.config
+    base = getattr(cfg, "ablate", None) or AblateConfig()
+    updates: dict[str, Any] = {}
+    for key in ("studies", "pairs", "out", "steps", "finetune_mode", "finetune_steps", "split",
+                "batch_size", "bootstrap"):
+        value = getattr(args, key, None)
+        if value is not None:
+            updates[key] = value
+    if getattr(args, "variants", None):
+        updates["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if getattr(args, "fractions", None) is not None:
+        updates["fractions"] = [float(f) for f in args.fractions.split(",") if f.strip()]
+    acfg = AblateConfig.model_validate({**base.model_dump(), **updates})
+    init_ray(cfg.ray)
+    res = run_ablate(acfg, cfg.storage)
+    print(json.dumps({"out": acfg.out, "files": res["files"], "seconds": res["seconds"],
+                      "variants": {v: {"zeroshot_mean_auc": m["zeroshot"]["mean_auc"],
+                                       "finetune_mean_auc": {f"{r['fraction']:g}": r["mean_auc"]
+                                                             for r in m["finetune"]}}
+                                   for v, m in res["models"].items()}}, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # python -m pairaug_ray.train.ablate --studies ... [section.key=value ...]
+    import argparse
+    import sys
+
+    from pairaug_ray.config import load_config
+
+    ap = argparse.ArgumentParser(prog="python -m pairaug_ray.train.ablate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="YAML config file")
+    add_ablate_args(ap)
+    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides (ray, storage)")
+    ns = ap.parse_args()
+    ns.config = load_config(ns.config, ns.overrides)
+    sys.exit(cmd_ablate(ns))
