@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     sp.set_defaults(func=_with_loaded_config(cmd_ablate))
 
+    from pairaug_ray import estimate as est
+
+    sp = sub.add_parser("estimate", help="expected GPU-hours and wall time per augmentation stage")
+    est.add_arguments(sp)
+    sp.set_defaults(func=est.cmd_estimate, default_config=None)
+
     sp = sub.add_parser("label", help="label reports: JSONL {id, report} → JSONL of labels")
     sp.add_argument("input", nargs="?", default="-", help="JSONL file (default stdin)")
     sp.add_argument("--output", default="-", help="JSONL file (default stdout)")

@@ -28,6 +28,7 @@ from pairaug_ray.stages.label import LabelConfig
 from pairaug_ray.stages.prune import PruneConfig
 from pairaug_ray.stages.rewrite import RewriteConfig
 from pairaug_ray.stages.score import ScoreConfig
+from pairaug_ray.estimate import EstimateConfig
 from pairaug_ray.train.ablate import AblateConfig
 from pairaug_ray.train.evaluate import EvaluateConfig
 from pairaug_ray.train.vlp import TrainConfig
@@ -82,6 +83,7 @@ class PairAugConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
+    estimate: EstimateConfig = Field(default_factory=EstimateConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -54,8 +54,9 @@ def init_ray(cfg: RayConfig) -> None:
 class Progress:
     """Counts summary rows as they stream back and prints a line every few seconds."""
 
-    def __init__(self, label: str, total: int, every_s: float = 5.0, stream=sys.stderr):
-        self.label, self.total, self.every_s, self.stream = label, total, every_s, stream
+    def __init__(self, label: str, total: int, every_s: float = 5.0, stream=None):
+        self.label, self.total, self.every_s = label, total, every_s
+        self.stream = stream or sys.stderr  # looked up now: sys.stderr may be swapped (pytest)
         self.t0 = self.last = time.perf_counter()
         self.done = 0
         self.counts: Counter = Counter()

@@ -5,6 +5,7 @@ Usage::
     source, targets = p2p_edit(pipe, "small left pleural effusion",
                                ["large left pleural effusion"], steps=75, seed=7)
     pairs = p2p_edit_variants(pipe, report, [(rewrite_a, seed_a), (rewrite_b, seed_b)])
+    pairs = p2p_edit_many(pipe, [(report_1, rewrite_1, seed_1), (report_2, rewrite_2, seed_2)])
 
 How it works
 ------------
@@ -370,7 +371,7 @@ def _decode_gray(pipe, latents: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def p2p_generate(
     pipe,
-    source_prompt: str,
+    source_prompt: str | Sequence[str],
     target_prompts: Sequence[str],
     target_sources: Sequence[int],
     source_latents: torch.Tensor,
@@ -386,6 +387,8 @@ def p2p_generate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The batched core: S source latents, T targets (target j starts from source ``target_sources[j]``).
 
+    ``source_prompt`` is one prompt for every source, or a sequence of S prompts (one per source
+    latent: several studies in one batch); each target is aligned to its own source's prompt.
     Returns (source images [S, H, W], target images [T, H, W]), float32 in [0, 1].
     """
     if edit not in EDITS:
@@ -398,21 +401,33 @@ def p2p_generate(
     device, dtype = pipe.unet.device, pipe.unet.dtype
     max_len = pipe.tokenizer.model_max_length
 
-    prompts = [source_prompt] + list(target_prompts)
-    ids, unpadded = _tokenize(pipe, prompts + [""])
+    if isinstance(source_prompt, str):
+        source_prompts, prompt_of_source = [source_prompt], [0] * num_sources
+    else:
+        if len(source_prompt) != num_sources:
+            raise ValueError(f"{len(source_prompt)} source prompts for {num_sources} source latents")
+        # each distinct prompt is encoded once
+        source_prompts = list(dict.fromkeys(source_prompt))
+        index = {text: i for i, text in enumerate(source_prompts)}
+        prompt_of_source = [index[text] for text in source_prompt]
+    n_prompts = len(source_prompts)
+    ids, unpadded = _tokenize(pipe, source_prompts + list(target_prompts) + [""])
     emb = _encode_text(pipe, ids)
-    src_emb, tgt_emb, uncond_emb = emb[:1], emb[1:-1], emb[-1:]
-    cond = torch.cat([src_emb.expand(num_sources, -1, -1), tgt_emb])
+    src_emb, tgt_emb, uncond_emb = emb[:n_prompts], emb[n_prompts:-1], emb[-1:]
+    cond = torch.cat([src_emb[torch.as_tensor(prompt_of_source, dtype=torch.long)], tgt_emb])
     context = torch.cat([uncond_emb.expand(cond.shape[0], -1, -1), cond])
 
     align = refine_alignment if edit == "refine" else replace_alignment
-    alignments = [align(unpadded[0], tgt_ids, max_len) for tgt_ids in unpadded[1:-1]]
+    src_ids = [unpadded[prompt_of_source[j]] for j in target_sources]
+    tgt_unpadded = unpadded[n_prompts:-1]
+    alignments = [align(s_ids, t_ids, max_len) for s_ids, t_ids in zip(src_ids, tgt_unpadded)]
     target_index = torch.as_tensor(list(target_sources), dtype=torch.long)
     blend = None
     if local_blend_words:
         word_ids = [pipe.tokenizer(w, add_special_tokens=False).input_ids for w in local_blend_words]
-        masks = [word_token_mask(word_ids, unpadded[0], max_len)] * num_sources
-        masks += [word_token_mask(word_ids, t, max_len) for t in unpadded[1:-1]]
+        masks = [word_token_mask(word_ids, unpadded[prompt_of_source[s]], max_len)
+                 for s in range(num_sources)]
+        masks += [word_token_mask(word_ids, t, max_len) for t in tgt_unpadded]
         blend = LocalBlend(torch.stack(masks), target_index, blend_threshold, self_replace_max_tokens)
     controller = P2PController(
         num_sources=num_sources,
@@ -506,16 +521,46 @@ def p2p_edit_variants(
     Each distinct seed gets its own source generation; returns ``(source image, target image)``
     per variant, in order.
     """
-    seeds = list(dict.fromkeys(int(seed) for _, seed in variants))
-    if not seeds:
+    return p2p_edit_many(
+        pipe, [(source_prompt, prompt, seed) for prompt, seed in variants],
+        steps=steps, guidance_scale=guidance_scale, cross_replace=cross_replace,
+        self_replace=self_replace, edit=edit, local_blend_words=local_blend_words,
+        blend_threshold=blend_threshold, self_replace_max_tokens=self_replace_max_tokens,
+        image_size=image_size,
+    )
+
+
+def p2p_edit_many(
+    pipe,
+    edits: Sequence[tuple[str, str, int]],
+    steps: int = 75,
+    guidance_scale: float = 4.0,
+    cross_replace: float = 0.5,
+    self_replace: float = 0.2,
+    edit: str = "refine",
+    local_blend_words: Sequence[str] | None = None,
+    *,
+    blend_threshold: float = 0.3,
+    self_replace_max_tokens: int = 256,
+    image_size: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(source prompt, target prompt, seed)`` edits of any number of reports in ONE batched run.
+
+    Each distinct (source prompt, seed) gets one source generation, shared by its targets; returns
+    ``(source image, target image)`` per edit, in order. A result depends only on its own prompts
+    and seed (up to float rounding), so batching the IntraAug variants of many studies together
+    (one UNet call per step for all of them) changes nothing but the speed.
+    """
+    keys = list(dict.fromkeys((src, int(seed)) for src, _, seed in edits))
+    if not keys:
         return []
-    source_of = {seed: i for i, seed in enumerate(seeds)}
-    latents = torch.cat([seed_latent(pipe, seed, image_size=image_size) for seed in seeds])
+    source_of = {key: i for i, key in enumerate(keys)}
+    latents = torch.cat([seed_latent(pipe, seed, image_size=image_size) for _, seed in keys])
+    target_sources = [source_of[(src, int(seed))] for src, _, seed in edits]
     sources, targets = p2p_generate(
-        pipe, source_prompt, [prompt for prompt, _ in variants],
-        [source_of[int(seed)] for _, seed in variants], latents,
+        pipe, [src for src, _ in keys], [tgt for _, tgt, _ in edits], target_sources, latents,
         steps=steps, guidance_scale=guidance_scale, cross_replace=cross_replace,
         self_replace=self_replace, edit=edit, local_blend_words=local_blend_words,
         blend_threshold=blend_threshold, self_replace_max_tokens=self_replace_max_tokens,
     )
-    return [(sources[source_of[int(seed)]], targets[j]) for j, (_, seed) in enumerate(variants)]
+    return [(sources[j], targets[i]) for i, j in enumerate(target_sources)]

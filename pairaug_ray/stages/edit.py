@@ -6,8 +6,10 @@ Usage::
     ds = pairs.map_batches(EditStage, **cfg.map_batches_kwargs(EditStage))
 
 Rows of branch ``"intra"`` need ``report`` (the source text), ``rewritten_report``, ``seed`` and
-``pair_id``. The rows of one source report in a batch (its variants) go through one batched
-prompt-to-prompt run (``p2p_edit_variants``: one UNet call per step for all of them). Each row comes
+``pair_id``. All IntraAug rows of a batch (the variants of every study in it) go through one
+batched prompt-to-prompt run (``p2p_edit_many``: one UNet call per step for all of them, up to
+``max_variants_per_call`` edits; if that run fails, the batch is redone study by study so one bad
+study does not sink the others). Each row comes
 out with ``image_png`` (the edited image), ``source_image_png`` (the source report's generation from
 the same seed, the reference of the Δimage score) and ``generator_model``. A row's images depend
 only on its own report, rewrite and seed, never on which rows share its batch. Other rows pass
@@ -24,7 +26,7 @@ from pydantic import Field
 
 from pairaug_ray.io.dicom import encode_png
 from pairaug_ray.models.diffusion import load_sd_pipeline
-from pairaug_ray.models.p2p import p2p_edit_variants
+from pairaug_ray.models.p2p import p2p_edit_many
 from pairaug_ray.stages.base import RowStage, StageConfig, StageError
 from pairaug_ray.stages.generate import truncate_prompt
 
@@ -42,7 +44,8 @@ class EditConfig(StageConfig):
     blend_words: list[str] = Field(default_factory=list, description="LocalBlend words; empty = off")
     blend_threshold: float = Field(0.3, ge=0, le=1)
     image_size: int | None = Field(None, ge=8, description="pixels; None = the model's native size")
-    max_variants_per_call: int = Field(16, ge=1, description="caps the UNet batch (<= 4 per variant)")
+    max_variants_per_call: int = Field(16, ge=1, description="edits per batched run; the UNet batch "
+                                       "is <= 4 per edit (source + target, CFG)")
     png_bits: int = Field(16, description="8 or 16")
     device: str = Field("auto", description='"auto" = cuda when the stage has GPUs, else cpu')
     dtype: str = Field("auto", description='"auto" = float16 on cuda, float32 on cpu')
@@ -71,14 +74,18 @@ class EditStage(RowStage):
 
     def edit(self, report: str, variants: list[tuple[str, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(source image, edited image) per ``(rewritten report, seed)`` of one source report."""
+        return self.edit_many([(report, text, seed) for text, seed in variants])
+
+    def edit_many(self, edits: list[tuple[str, str, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(source image, edited image) per ``(source report, rewritten report, seed)``, batched."""
         cfg = self.cfg
+        prompt = self._prompt
         out: list[tuple[np.ndarray, np.ndarray]] = []
-        for start in range(0, len(variants), cfg.max_variants_per_call):
-            chunk = variants[start : start + cfg.max_variants_per_call]
-            out += p2p_edit_variants(
+        for start in range(0, len(edits), cfg.max_variants_per_call):
+            chunk = edits[start : start + cfg.max_variants_per_call]
+            out += p2p_edit_many(
                 self.pipe,
-                self._prompt(report),
-                [(self._prompt(text), seed) for text, seed in chunk],
+                [(prompt(report), prompt(text), seed) for report, text, seed in chunk],
                 steps=cfg.steps,
                 guidance_scale=cfg.guidance_scale,
                 cross_replace=cfg.cross_replace,
@@ -106,19 +113,26 @@ class EditStage(RowStage):
                 results[i] = StageError("missing_seed", "intra row has no seed")
             else:
                 groups.setdefault(report, []).append(i)
-        for report, members in groups.items():
-            try:
-                variants = [(rows[i]["rewritten_report"], _seed_of(rows[i])) for i in members]
-                pairs = self.edit(report, variants)
-            except Exception as exc:  # noqa: BLE001 - one study's failure must not sink the batch
-                for i in members:
-                    results[i] = exc
-                continue
-            for i, (source, edited) in zip(members, pairs):
-                results[i] = [{
-                    **rows[i],
-                    "image_png": encode_png(edited, bits=self.cfg.png_bits),
-                    "source_image_png": encode_png(source, bits=self.cfg.png_bits),
-                    "generator_model": self.cfg.model,
-                }]
+        members = [i for group in groups.values() for i in group]
+        try:
+            pairs = self.edit_many([(rows[i]["report"], rows[i]["rewritten_report"], _seed_of(rows[i]))
+                                    for i in members])
+            done = dict(zip(members, pairs))
+        except Exception:  # noqa: BLE001 - redo study by study: one study must not sink the batch
+            done = {}
+            for report, group in groups.items():
+                try:
+                    pairs = self.edit([(rows[i]["rewritten_report"], _seed_of(rows[i])) for i in group])
+                except Exception as exc:  # noqa: BLE001 - this study's rows become error rows
+                    for i in group:
+                        results[i] = exc
+                    continue
+                done.update(zip(group, pairs))
+        for i, (source, edited) in done.items():
+            results[i] = [{
+                **rows[i],
+                "image_png": encode_png(edited, bits=self.cfg.png_bits),
+                "source_image_png": encode_png(source, bits=self.cfg.png_bits),
+                "generator_model": self.cfg.model,
+            }]
         return results

@@ -233,3 +233,15 @@ def test_edit_stage_batches_variants_per_report_and_passes_other_rows():
         np.testing.assert_allclose(source_image, source, atol=2e-4)
     e = out["e"]  # the empty edit
     np.testing.assert_array_equal(decode_png(e["image_png"]), decode_png(e["source_image_png"]))
+
+
+def test_edits_of_several_reports_in_one_run_match_each_alone(pipe):
+    other = "the lungs are clear. no pleural effusion."
+    edits = [(SOURCE, REFINED, 1), (other, SOURCE, 2), (SOURCE, "no pleural effusion.", 3), (SOURCE, SOURCE, 1)]
+    batch = p2p.p2p_edit_many(pipe, edits, steps=STEPS)
+    for (src, tgt, seed), (source, edited) in zip(edits, batch):
+        (alone_src, alone_edit), = p2p_edit_variants(pipe, src, [(tgt, seed)], steps=STEPS)
+        np.testing.assert_allclose(source, alone_src, atol=1e-5)
+        np.testing.assert_allclose(edited, alone_edit, atol=1e-5)
+    np.testing.assert_allclose(batch[0][0], batch[3][0], atol=1e-6)  # same report + seed: one source
+    np.testing.assert_allclose(batch[3][1], batch[3][0], atol=1e-6)  # empty edit
