@@ -41,10 +41,8 @@ import math
 import os
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 STAGES = ("rewrite", "generate", "edit", "score", "write")
@@ -63,23 +61,11 @@ class EstimateConfig(BaseModel):
 
 
 def load_with_estimate(path: str | None, overrides: list[str] | None = None):
-    """(PairAugConfig, EstimateConfig) from a YAML file; the ``estimate:`` section is optional and
-    read here whether or not PairAugConfig declares it."""
-    from pairaug_ray.config import PairAugConfig, _set_dotted, parse_override
+    """(PairAugConfig, its EstimateConfig) from a YAML file; the ``estimate:`` section is optional."""
+    from pairaug_ray.config import load_config
 
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(p.read_text()) or {}
-    for ov in overrides or []:
-        key, value = parse_override(ov)
-        _set_dotted(data, key, value)
-    est = EstimateConfig.model_validate(data.get("estimate") or {})
-    if "estimate" not in PairAugConfig.model_fields:
-        data.pop("estimate", None)
-    return PairAugConfig.model_validate(data), est
+    cfg = load_config(path, overrides)
+    return cfg, cfg.estimate
 
 
 def rows_per_study(acfg) -> dict[str, int]:
