@@ -249,7 +249,8 @@ def run_augment(cfg: PairAugConfig) -> dict:
     wcfg = WriteConfig(out=acfg.out, storage=cfg.storage, table=S.CANDIDATES_DIR, schema_name="pair",
                        summary_columns=["branch", "rewrite_rejections"], **acfg.write.model_dump())
     ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
-    progress = Progress("augment", -1)
+    # Total shown = candidates still to do (exact unless ``done`` holds ids of other splits).
+    progress = Progress("augment", max(table.num_rows * per_study - len(done), 0))
     clock = _StageClock()
     by_branch: Counter = Counter()
     rejections: Counter = Counter()
