@@ -283,16 +283,10 @@ def machine() -> dict:
 
 
 def init_ray(num_cpus: int | None) -> None:
-    import ray
+    from pairaug_ray.config import RayConfig
+    from pairaug_ray.pipeline import init_ray as pipeline_init_ray
 
-    if not ray.is_initialized():
-        kwargs = {"include_dashboard": False, "log_to_driver": False}
-        if num_cpus:
-            kwargs["num_cpus"] = num_cpus
-        ray.init(**kwargs)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
+    pipeline_init_ray(RayConfig(num_cpus=num_cpus or None, progress_bars=False))
 
 
 def emit(obj: dict) -> None:

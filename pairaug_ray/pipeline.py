@@ -270,7 +270,7 @@ def run_augment(cfg: PairAugConfig) -> dict:
     scores = store.read_table(S.CANDIDATES_DIR, columns=score_cols)
     if scores is None:
         raise RuntimeError(f"no candidates were written under {acfg.out}; see the quarantine table")
-    means = intra_means(store.ray_dataset(S.CANDIDATES_DIR, columns=score_cols))
+    means = intra_means(scores)  # the score columns are already here: no second read
 
     # 9. Pruning pass 2: keep/prune each candidate; the kept ones are the training pairs.
     pruned = apply_prune(scores.to_pandas(), means, acfg.prune)
