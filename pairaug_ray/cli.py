@@ -80,6 +80,11 @@ def cmd_augment(args) -> int:
         extra.append(f"augment.out={args.out}")
     manifest = run_augment(_config(args, extra))
     print(json.dumps(manifest))
+    if not sum(b["candidates"] for b in manifest["branches"].values()):
+        print(f"pairaug augment: no candidate was produced; every row failed: "
+              f"{manifest['errors_by_stage_class']} (rewrite rejections: "
+              f"{manifest['rewrite_rejections_this_run']}); see the quarantine table", file=sys.stderr)
+        return 1
     return 0
 
 

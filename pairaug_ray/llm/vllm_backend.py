@@ -62,7 +62,9 @@ _ATTEMPT = "_rw_attempt"
 _PROMPT = "_rw_prompt"                # the rendered chat prompt (the same for every attempt)
 _MAX_TOKENS = "_rw_max_tokens"        # new tokens that fit beside the prompt
 _PROMPT_ID = "_rw_prompt_id"
-STATE_COLUMNS = (_STATE, _KEEP, _RESULT, _REJECTED, _LAST, _ATTEMPT, _PROMPT, _MAX_TOKENS, _PROMPT_ID)
+_SECONDS = "_rw_seconds"              # the row's share of engine time, summed over attempts
+STATE_COLUMNS = (_STATE, _KEEP, _RESULT, _REJECTED, _LAST, _ATTEMPT, _PROMPT, _MAX_TOKENS, _PROMPT_ID,
+                 _SECONDS)
 
 
 class VLLMOptions(BaseModel):
@@ -184,7 +186,7 @@ class PreparePrompts:
         cfg = self.cfg
         own = {k: v for k, v in row.items() if k not in STATE_COLUMNS}
         out = {**own, _RESULT: "", _REJECTED: "{}", _LAST: "", _ATTEMPT: 0, _STATE: "pending",
-               _PROMPT: "", _MAX_TOKENS: 0, _PROMPT_ID: ""}
+               _PROMPT: "", _MAX_TOKENS: 0, _PROMPT_ID: "", _SECONDS: 0.0}
         for col, default in (("status", "ok"), ("error_class", ""), ("error", ""), ("stage", "")):
             value = row.get(col)
             out[col] = default if value is None or value != value else str(value)  # NaN -> default
@@ -228,9 +230,13 @@ def review_answer(row: dict, cfg_json: str) -> dict:
 
     keep = set(json.loads(row[_KEEP])) | set(STATE_COLUMNS)
     out = {k: v for k, v in row.items() if k in keep}
+    cfg = _config(cfg_json)
+    # The rows of a batch are generated together, so a row's share of the engine's busy time is
+    # its request latency over the batch size (an estimate: concurrent batches overlap).
+    latency = float(row.get("time_taken_llm") or 0.0)
+    out[_SECONDS] = float(row[_SECONDS]) + max(latency, 0.0) / cfg.batch_size
     if row[_STATE] != "pending":
         return out
-    cfg = _config(cfg_json)
     text, reason, change = review_rewrite(row["report"], str(row.get("generated_text") or ""),
                                           row["branch"], cfg.max_words, cfg.overlong)
     rejected = json.loads(row[_REJECTED])
@@ -256,12 +262,13 @@ def review_answer(row: dict, cfg_json: str) -> dict:
 
 def finish_batch(batch, cfg_json: str):
     """Rows out of the last attempt → RewriteStage's output rows (accepted, or error rows)."""
-    from pairaug_ray.stages.base import rows_to_frame
+    from pairaug_ray.stages.base import TIMING_PREFIX, rows_to_frame
 
     cfg = _config(cfg_json)
     out = []
     for row in batch.to_dict("records"):
         own = {k: v for k, v in row.items() if k not in STATE_COLUMNS}
+        own[f"{TIMING_PREFIX}rewrite"] = float(row[_SECONDS])
         if row[_RESULT]:
             out.append({**own, **json.loads(row[_RESULT])})
             continue

@@ -144,6 +144,23 @@ def test_augment_to_s3(studies, s3_bucket):
     assert store.exists("report.html")
 
 
+def test_every_row_failing_ends_with_a_manifest_and_a_nonzero_exit(studies, tmp_path, capsys):
+    out = tmp_path / "all-failed"
+    rc = cli_main(["augment", "--config", DEMO, "--studies", studies, "--out", str(out), *FAST,
+                   "augment.limit=2", "augment.rewrite.min_source_words=1000"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "no candidate was produced" in err and "rewrite:source_too_short" in err
+    store = Store(str(out))
+    manifest = store.read_json("manifest.json")
+    planned = 2 * (manifest["per_study"]["inter"] + manifest["per_study"]["intra"])
+    assert manifest["errors_by_stage_class"] == {"rewrite:source_too_short": planned}
+    assert manifest["pairs_total"] == 0 and manifest["intra_means"]["count"] == 0
+    assert all(b["candidates"] == 0 for b in manifest["branches"].values())
+    assert len(store.read_column(S.QUARANTINE_DIR, "row_id")) == planned
+    assert store.read_table(S.CANDIDATES_DIR) is None
+
+
 def test_demo_runs_small(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = cli_main(["demo", "--n", "10", "--size", "64", "--out", str(out), "ingest.decode.image_size=32",

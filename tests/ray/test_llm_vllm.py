@@ -8,14 +8,20 @@ vllm`` fails (install: see docs/llm.md); the retry chain test runs everywhere wi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pandas as pd
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # before ray.init: engine actors inherit it
@@ -31,6 +37,8 @@ from pairaug_ray.llm.vllm_backend import STATE_COLUMNS, add_vllm_rewrite
 from pairaug_ray.stages.rewrite import RewriteConfig, RewriteRequest, RewriteStage, RuleRewriter
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
+KEY_ENV = "PAIRAUG_TEST_VLLM_KEY"
+SECRET = "sk-vllm-test-5e4d3c2b1a-secret"     # the server requires it: a 401 if the key is not sent
 needs_vllm = pytest.mark.skipif(bool(VLLM_MISSING), reason=VLLM_MISSING or "vllm present")
 
 REPORTS = [
@@ -45,6 +53,52 @@ def tiny_llm(tmp_path_factory):
     from pairaug_ray.llm.tiny import tiny_llm_path
 
     return tiny_llm_path(tmp_path_factory.mktemp("tiny_llm"))
+
+
+# What the fine-tuned tiny model answers to any prompt: findings that flip those of a normal report.
+ANSWER = ("Large right pleural effusion. The heart is enlarged. Moderate pulmonary edema. "
+          "Small left pneumothorax.")
+
+
+@pytest.fixture(scope="module")
+def answering_llm(tiny_llm, tmp_path_factory):
+    """The tiny LLM fine-tuned for ~100 steps to answer ANSWER to the rewrite prompts, so that an
+    augment job gets accepted rewrites (a flip for normal sources) and rejected ones (the others)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pairaug_ray.llm.prompts import library_for
+    from pairaug_ray.llm.tiny import EOS, report_corpus
+
+    tok, model = AutoTokenizer.from_pretrained(tiny_llm), AutoModelForCausalLM.from_pretrained(tiny_llm)
+    lib = library_for(RewriteConfig())
+    answer = tok(ANSWER + EOS, add_special_tokens=False)["input_ids"]
+    prompts = [tok(tok.apply_chat_template(lib.messages(r, b, max_words=50), tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for r in report_corpus()[1][:24] for b in ("inter", "intra")]
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
+    model.train()
+    for step in range(400):
+        batch = [prompts[(step * 8 + i) % len(prompts)] for i in range(8)]
+        width = max(len(p) for p in batch) + len(answer)
+        ids = torch.full((8, width), tok.pad_token_id)
+        labels, mask = torch.full((8, width), -100), torch.zeros((8, width), dtype=torch.long)
+        for i, p in enumerate(batch):
+            ids[i, :len(p) + len(answer)] = torch.tensor(p + answer)
+            labels[i, len(p):len(p) + len(answer)] = torch.tensor(answer)
+            mask[i, :len(p) + len(answer)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    assert loss.item() < 0.05, f"the tiny LLM did not learn its answer (loss {loss.item():.3f})"
+    out = str(tmp_path_factory.mktemp("answering_llm"))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 def _rows(n_dupes: int = 1) -> list[dict]:
@@ -149,7 +203,8 @@ def api_server(tiny_llm):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llm,
          "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "1024", "--enforce-eager", "--max-num-batched-tokens", "16384"],
+         "--max-model-len", "1024", "--enforce-eager", "--max-num-batched-tokens", "16384",
+         "--api-key", SECRET],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     yield proc, f"http://127.0.0.1:{port}/v1"
     proc.send_signal(signal.SIGTERM)
@@ -166,7 +221,8 @@ def _wait_ready(proc, base: str, timeout: float = 600) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"vLLM server exited: {proc.stderr.read()[-3000:].decode(errors='replace')}")
         try:
-            with urllib.request.urlopen(base + "/models", timeout=5) as r:
+            request = urllib.request.Request(base + "/models", headers={"Authorization": f"Bearer {SECRET}"})
+            with urllib.request.urlopen(request, timeout=5) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -210,25 +266,154 @@ def test_vllm_actor_engine_in_rewrite_stage(ray_cluster, tiny_llm, api_server):
                                        and sum(json.loads(r["rewrite_rejections"]).values()) == 2)
 
 
-@needs_vllm
-def test_openai_backend_against_vllm_server(ray_cluster, api_server):
-    import ray
+class _FaultyProxy(ThreadingHTTPServer):
+    """Forwards chat completions to the vLLM server; a report holding FAIL_ONCE gets a 503 the
+    first time, one holding SLOW an answer that comes after the client's timeout."""
 
+    daemon_threads = True
+
+    def __init__(self, upstream: str, delay_s: float):
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream, self.delay_s = upstream, delay_s
+        self.calls: Counter = Counter()
+        self.auth: set = set()
+        self.lock = threading.Lock()
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        proxy: _FaultyProxy = self.server
+        data = self.rfile.read(int(self.headers["Content-Length"]))
+        user = json.loads(data)["messages"][-1]["content"]
+        with proxy.lock:
+            proxy.calls[user] += 1
+            first = proxy.calls[user] == 1
+            proxy.auth.add(self.headers.get("Authorization"))
+        if "FAIL_ONCE" in user and first:
+            status, body = 503, b'{"error": "overloaded"}'
+        else:
+            if "SLOW" in user:
+                time.sleep(proxy.delay_s)
+            request = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"), data=data,
+                                             headers={k: v for k, v in self.headers.items()
+                                                      if k.lower() in ("content-type", "authorization")})
+            try:
+                with urllib.request.urlopen(request, timeout=120) as r:
+                    status, body = r.status, r.read()
+            except urllib.error.HTTPError as e:
+                status, body = e.code, e.read()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (the SLOW row)
+
+
+@pytest.fixture
+def faulty_proxy(api_server):
     proc, base = api_server
     _wait_ready(proc, base)
-    cfg = RewriteConfig(backend="openai", model="tiny", api_base=base, max_tokens=40, max_attempts=2,
-                        batch_size=8, request_timeout_s=120, max_retries=1, backoff_s=0.1)
+    proxy = _FaultyProxy(base, delay_s=8.0)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    yield proxy
+    proxy.shutdown()
+    proxy.server_close()
+
+
+@needs_vllm
+def test_openai_backend_against_vllm_server(ray_cluster, faulty_proxy, monkeypatch, caplog):
+    """Success, a 503 retried, a timeout as an error row, the key sent but never logged: against
+    vLLM's OpenAI-compatible server (through a fault-injecting proxy), alone and in Ray Data."""
+    import ray
+
     from pairaug_ray.llm.openai_backend import OpenAIBackend
 
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    caplog.set_level(logging.DEBUG)
+    cfg = RewriteConfig(backend="openai", model="tiny", api_base=faulty_proxy.api_base, api_key_env=KEY_ENV,
+                        max_tokens=40, max_attempts=2, batch_size=8, request_timeout_s=4, max_retries=1,
+                        backoff_s=0.1)
     backend = OpenAIBackend(cfg)
     reqs = [RewriteRequest(REPORTS[0], "inter", 7), RewriteRequest(REPORTS[0], "inter", 7),
             RewriteRequest(REPORTS[0], "inter", 8)]
     texts = backend.rewrite(reqs)
     assert all(isinstance(t, str) and t for t in texts), texts
     assert texts[0] == texts[1], "same seed through the server, different answer"
+
+    batch = pd.DataFrame({"report": [REPORTS[1], REPORTS[1] + " FAIL_ONCE", REPORTS[1] + " SLOW"],
+                          "branch": ["inter", "intra", "inter"], "seed": [1, 2, 3]})
+    out = RewriteStage(cfg)(batch)
+    for i in (0, 1):  # answered: accepted, or rejected for its content on both attempts
+        assert out.status[i] == "ok" or (out.error_class[i] == "rewrite_rejected"
+                                         and sum(json.loads(out.rewrite_rejections[i]).values()) == 2)
+    assert faulty_proxy.calls[REPORTS[1] + " FAIL_ONCE"] >= 2          # the 503 was retried
+    assert (out.status[2], out.error_class[2]) == ("error", "llm_timeout") and "2 tries" in out.error[2]
+    assert faulty_proxy.calls[REPORTS[1] + " SLOW"] == 2               # 1 + max_retries, no new attempt
+    assert faulty_proxy.auth == {f"Bearer {SECRET}"}                   # the server checked it (401 otherwise)
+    assert "retry 1/1" in caplog.text and SECRET not in caplog.text
+    assert not out.astype(str).apply(lambda col: col.str.contains(SECRET)).any().any()
+
+    # The same backend in a Ray Data actor pool; the key reaches the actors through runtime_env.
     rows = _rows()
-    out = ray.data.from_items(rows).map_batches(RewriteStage, **cfg.map_batches_kwargs(RewriteStage)).take_all()
+    kwargs = {**cfg.map_batches_kwargs(RewriteStage), "runtime_env": {"env_vars": {KEY_ENV: SECRET}}}
+    out = ray.data.from_items(rows).map_batches(RewriteStage, **kwargs).take_all()
     assert sorted(r["row_id"] for r in out) == sorted(r["row_id"] for r in rows)
-    for r in out:  # answered: accepted, or rejected for its content after both attempts
+    for r in out:
         assert r["status"] == "ok" or (r["error_class"] == "rewrite_rejected"
                                        and sum(json.loads(r["rewrite_rejections"]).values()) == 2)
+    assert not any(SECRET in json.dumps(r, default=str) for r in out)
+
+
+@needs_vllm
+def test_augment_job_with_the_vllm_backend(ray_cluster, answering_llm, tmp_path):
+    """``pairaug augment`` with ``rewrite.backend: vllm``: every planned candidate is a candidate
+    (accepted rewrite) or a quarantined rewrite_rejected row, counted in the manifest."""
+    from pairaug_ray import schema as S
+    from pairaug_ray.config import load_config
+    from pairaug_ray.io.store import Store
+    from pairaug_ray.pipeline import run_augment, run_ingest
+
+    studies, out = str(tmp_path / "ingest"), str(tmp_path / "augment")
+    assert run_ingest(load_config(None, [
+        "ingest.source=phantom://8?seed=5", f"ingest.out={studies}", "ingest.decode.image_size=32",
+        "ingest.decode.num_cpus=0.25", "ray.progress_bars=false"]))["written"] == 8
+    demo = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", "demo.yaml")
+    manifest = run_augment(load_config(demo, [
+        f"augment.studies={studies}", f"augment.out={out}", "ray.progress_bars=false",
+        "augment.rewrite.backend=vllm", f"augment.rewrite.model={answering_llm}",
+        "augment.rewrite.num_cpus=0.25", "augment.rewrite.max_attempts=2", "augment.rewrite.max_tokens=60",
+        "augment.rewrite.temperature=0.2", "augment.rewrite.batch_size=8",
+        "augment.generate.model=tiny://sd?size=32&seed=0", "augment.generate.steps=2",
+        "augment.edit.model=tiny://sd?size=32&seed=0", "augment.edit.steps=2",
+        "augment.score.model=tiny://vlp?seed=0&image_size=32", "augment.generate.num_cpus=0.25",
+        "augment.edit.num_cpus=0.25", "augment.generate.batch_size=8", "augment.edit.batch_size=8",
+        "augment.score.batch_size=8", "augment.write.batch_size=8"]))
+    store = Store(out)
+    cands = store.read_table(S.CANDIDATES_DIR)
+    quarantine = store.read_table(S.QUARANTINE_DIR)
+    n_train = sum(1 for s in Store(studies).read_column(S.STUDIES_DIR, "split") if s == "train")
+    assert (cands.num_rows if cands else 0) + (quarantine.num_rows if quarantine else 0) == 3 * n_train
+    assert cands is not None and cands.num_rows > 0, manifest["rewrite_rejections_this_run"]
+    for row in cands.to_pylist():
+        assert row["rewrite_backend"] == "vllm" and row["rewrite_model"] == answering_llm
+        assert row["prompt_id"] == f"{row['branch']}-v1"
+        assert "pleural effusion" in row["rewritten_report"].lower()
+        assert row["score_align"] is not None
+    rejected = quarantine.to_pylist() if quarantine else []
+    for row in rejected:
+        assert (row["stage"], row["error_class"]) == ("rewrite", "rewrite_rejected")
+        assert row["error"].startswith("2 attempts rejected; last: ")
+    # Each quarantined row was rejected twice; accepted rows may have been rejected once first.
+    n_rejections = sum(manifest["rewrite_rejections_this_run"].values())
+    assert 2 * len(rejected) <= n_rejections <= 2 * len(rejected) + cands.num_rows
+    assert manifest["stage_throughput"]["rewrite"]["busy_seconds"] > 0
