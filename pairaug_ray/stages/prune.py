@@ -134,29 +134,27 @@ def apply_prune(batch, means: dict[str, Any] | None, cfg: PruneConfig):
     is_error = (frame["status"].astype(str) == "error").to_numpy() if "status" in frame \
         else np.zeros(n, bool)
 
-    kept = np.zeros(n, dtype=bool)
+    inter = (kind == "inter") & ~is_error
+    intra = (kind == "intra") & ~is_error
+    missing_inter = inter & np.isnan(scores["score_align"])
+    missing_intra = intra & np.logical_or.reduce([np.isnan(scores[c]) for c in SCORE_COLUMNS])
+    scored_intra = intra & ~missing_intra
+    if scored_intra.any() and (means is None or any(means.get(c) is None for c in SCORE_COLUMNS)):
+        raise ValueError("IntraAug rows need the global means from intra_means()")
+
     reasons = np.full(n, "", dtype=object)
-    for i in range(n):
-        if is_error[i]:
-            reasons[i] = "error"
-        elif kind[i] == "inter":
-            if np.isnan(scores["score_align"][i]):
-                reasons[i] = "missing_score"
-            elif inter_keep(scores["score_align"][i], cfg.inter_threshold):
-                kept[i] = True
-            else:
-                reasons[i] = "align<thr"
-        elif kind[i] == "intra":
-            if any(np.isnan(scores[c][i]) for c in SCORE_COLUMNS):
-                reasons[i] = "missing_score"
-                continue
-            if means is None or any(means.get(c) is None for c in SCORE_COLUMNS):
-                raise ValueError("IntraAug rows need the global means from intra_means()")
-            kept[i] = intra_keep({c: scores[c][i] for c in SCORE_COLUMNS}, means, cfg.intra_margin)
-            reasons[i] = ",".join(f"{_SHORT[c]}<mean-m" for c in SCORE_COLUMNS
-                                  if not scores[c][i] > means[c] - cfg.intra_margin)
-        else:
-            reasons[i] = "unknown_branch"
+    reasons[~inter & ~intra] = "unknown_branch"
+    reasons[is_error] = "error"
+    reasons[missing_inter | missing_intra] = "missing_score"
+    inter_ok = inter & ~missing_inter & inter_keep(scores["score_align"], cfg.inter_threshold)
+    reasons[inter & ~missing_inter & ~inter_ok] = "align<thr"
+    intra_ok = np.zeros(n, dtype=bool)
+    if scored_intra.any():
+        below = {c: scored_intra & ~(scores[c] > means[c] - cfg.intra_margin) for c in SCORE_COLUMNS}
+        intra_ok = scored_intra & ~np.logical_or.reduce(list(below.values()))
+        for i in np.flatnonzero(scored_intra & ~intra_ok):  # only the pruned rows get a reason
+            reasons[i] = ",".join(f"{_SHORT[c]}<mean-m" for c in SCORE_COLUMNS if below[c][i])
+    kept = inter_ok | intra_ok
     frame["kept"] = kept
     frame["prune_reason"] = reasons.astype(str)
     if as_dict:

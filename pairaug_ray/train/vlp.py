@@ -75,6 +75,10 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool = False
     checkpoint_every: int = Field(50, ge=1)
+    report_every: int = Field(10, ge=1, description="steps between ray.train.report calls (and "
+                              "progress lines); metrics.jsonl gets every step. Each report waits "
+                              "for the controller's next poll (every 2 s by default in Ray 2.60), "
+                              "so reporting every step would cap training at one step per poll")
     keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept (None = all)")
     max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1 = always)")
     seed: int = 0
@@ -292,9 +296,14 @@ def _train_loop(loop_config: dict) -> None:
             if local_metrics:
                 local_metrics.write(json.dumps(line) + "\n")
                 local_metrics.flush()
+        # Every rank reports at the same steps: a report is a collective across the workers.
+        report = step % cfg.report_every == 0
+        if rank == 0 and (report or step == end):
+            print(f"[train {cfg.name}] step {step}/{end} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                  f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
         if step % cfg.checkpoint_every == 0 or step == end:
             save_checkpoint(step, metrics)
-        else:
+        elif report:
             ray.train.report(metrics)
     if local_metrics:
         local_metrics.close()
