@@ -214,6 +214,7 @@ def run_augment(cfg: PairAugConfig) -> dict:
     init_ray(cfg.ray)
     t0 = time.perf_counter()
     fp = output_fingerprint(acfg.rewrite, acfg.generate, acfg.edit, acfg.score)
+    _claim_output(store, fp)
 
     # 1. Studies to augment: the configured splits of the ingest table, text columns only (no
     #    pixels), read on the driver: a Ray read's file-listing task wants a whole CPU, which a
@@ -335,6 +336,22 @@ def run_augment(cfg: PairAugConfig) -> dict:
             intra_margin=acfg.prune.intra_margin, intra_means=means))
     store.write_json(S.MANIFEST_FILE, manifest)
     return manifest
+
+
+def _claim_output(store: Store, fp: str) -> None:
+    """Refuse an output folder that holds candidates made with other output settings: pair ids
+    embed the fingerprint, so a resumed run would add a second set beside the first and pruning
+    and training would mix them."""
+    for name in (S.RUN_FILE, S.MANIFEST_FILE):
+        if store.exists(name):
+            previous = store.read_json(name).get("config_fingerprint")
+            if previous and previous != fp:
+                raise ValueError(
+                    f"{store.uri_of(name)} records output settings {previous}, this run has {fp}: "
+                    "the rewrite/generate/edit/score settings changed since that run. Write to a new "
+                    "--out (or delete the folder); pool sizes and batch sizes may change freely.")
+    store.write_json(S.RUN_FILE, {"config_fingerprint": fp,
+                                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def _select_kept(batch: pd.DataFrame, ids: frozenset, reasons: dict) -> pd.DataFrame:

