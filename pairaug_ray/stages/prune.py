@@ -150,10 +150,10 @@ def apply_prune(batch, means: dict[str, Any] | None, cfg: PruneConfig):
     reasons[inter & ~missing_inter & ~inter_ok] = "align<thr"
     intra_ok = np.zeros(n, dtype=bool)
     if scored_intra.any():
-        below = {c: scored_intra & ~(scores[c] > means[c] - cfg.intra_margin) for c in SCORE_COLUMNS}
-        intra_ok = scored_intra & ~np.logical_or.reduce(list(below.values()))
+        intra_ok = scored_intra & intra_keep(scores, means, cfg.intra_margin)
         for i in np.flatnonzero(scored_intra & ~intra_ok):  # only the pruned rows get a reason
-            reasons[i] = ",".join(f"{_SHORT[c]}<mean-m" for c in SCORE_COLUMNS if below[c][i])
+            reasons[i] = ",".join(f"{_SHORT[c]}<mean-m" for c in SCORE_COLUMNS
+                                  if not scores[c][i] > means[c] - cfg.intra_margin)
     kept = inter_ok | intra_ok
     frame["kept"] = kept
     frame["prune_reason"] = reasons.astype(str)
