@@ -89,7 +89,7 @@ def cmd_augment(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from pairaug_ray.findings import label_jsonl
+    from pairaug_ray.labeler import label_jsonl
 
     src = open(args.input) if args.input and args.input != "-" else sys.stdin
     dst = open(args.output, "w") if args.output and args.output != "-" else sys.stdout

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from pairaug_ray.findings import label_report
+from pairaug_ray.labeler import label_report
 
 OVERLONG_MODES = ("cut", "reject")
 

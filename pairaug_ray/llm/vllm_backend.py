@@ -225,7 +225,7 @@ def make_request(row: dict, cfg_json: str, attempt: int) -> dict:
 
 def review_answer(row: dict, cfg_json: str) -> dict:
     """Postprocess: validate the engine's answer of a pending row; keep only the row's own columns."""
-    from pairaug_ray.findings import findings_to_json, label_report, label_states
+    from pairaug_ray.labeler import findings_to_json, label_report, label_states
     from pairaug_ray.stages.rewrite import review_rewrite
 
     keep = set(json.loads(row[_KEEP])) | set(STATE_COLUMNS)

@@ -15,7 +15,7 @@ import json
 
 from pydantic import Field
 
-from pairaug_ray.findings import findings_to_json, label_report, label_states
+from pairaug_ray.labeler import findings_to_json, label_report, label_states
 from pairaug_ray.stages.base import RowStage, StageConfig, StageError
 
 

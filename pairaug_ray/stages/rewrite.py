@@ -32,7 +32,7 @@ from typing import Callable, Literal
 
 from pydantic import Field
 
-from pairaug_ray.findings import (
+from pairaug_ray.labeler import (
     NEGATIVE, OBSERVATIONS, POSITIVE, UNCERTAIN, Finding, findings_to_json, label_report, label_states,
 )
 from pairaug_ray.llm.vllm_backend import VLLMOptions

@@ -170,7 +170,7 @@ def run_ablate(cfg: AblateConfig, storage: StorageConfig | None = None) -> dict:
     """Train each variant's VLP, evaluate it zero-shot and fine-tuned; write the table + plots."""
     import ray
 
-    from pairaug_ray.findings import OBSERVATIONS
+    from pairaug_ray.labeler import OBSERVATIONS
     from pairaug_ray.models.vlp import load_vlp
     from pairaug_ray.train.evaluate import plot_auc_bars, plot_roc
     from pairaug_ray.train.finetune import finetune_models

@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pairaug_ray.findings import OBSERVATIONS
+from pairaug_ray.labeler import OBSERVATIONS
 from pairaug_ray.io.store import StorageConfig, Store
 
 

@@ -40,7 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pairaug_ray.findings import OBSERVATIONS
+from pairaug_ray.labeler import OBSERVATIONS
 from pairaug_ray.io.store import StorageConfig, Store, split_protocol
 from pairaug_ray.train.zeroshot import LabeledSet, label_matrix, load_labeled, score_classes
 

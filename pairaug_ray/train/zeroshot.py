@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pairaug_ray.findings import OBSERVATIONS
+from pairaug_ray.labeler import OBSERVATIONS
 from pairaug_ray.io.store import StorageConfig, Store, filesystem, split_protocol
 
 DEFAULT_TEMPLATES: list[tuple[str, str]] = [("{}", "no {}")]

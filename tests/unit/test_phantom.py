@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from pairaug_ray import phantom as P
-from pairaug_ray.findings import NEGATIVE, POSITIVE, UNCERTAIN, Finding, label_report, label_states
+from pairaug_ray.labeler import NEGATIVE, POSITIVE, UNCERTAIN, Finding, label_report, label_states
 from pairaug_ray.io import reports
 from pairaug_ray.io.dicom import decode_dicom
 

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from pairaug_ray.findings import NEGATIVE, OBSERVATIONS, POSITIVE, label_report
+from pairaug_ray.labeler import NEGATIVE, OBSERVATIONS, POSITIVE, label_report
 from pairaug_ray.stages import rewrite as R
 from pairaug_ray.stages.rewrite import (
     RewriteConfig, RewriteRequest, RewriteStage, RuleRewriter, phrase, validate_rewrite,

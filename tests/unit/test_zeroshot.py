@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pairaug_ray.findings import OBSERVATIONS
+from pairaug_ray.labeler import OBSERVATIONS
 from pairaug_ray.train.finetune import fraction_index, sample_patients
 from pairaug_ray.train.zeroshot import (
     LabeledSet, auc_with_ci, label_matrix, parse_templates, prompt_embeddings, score_classes,

@@ -1,15 +1,17 @@
 """Rule-based CheXpert-style labeler: phrase-level behaviour and agreement with the IU MeSH tags.
 
-Usage: .venv/bin/pytest tests/unit/test_findings.py
+Usage: .venv/bin/pytest tests/unit/test_labeler.py
 """
 
 import json
 import math
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from pairaug_ray.findings import (
+from pairaug_ray.labeler import (
     NEGATIVE,
     OBSERVATIONS,
     POSITIVE,
@@ -17,7 +19,6 @@ from pairaug_ray.findings import (
     Finding,
     findings_from_json,
     findings_to_json,
-    iu_agreement,
     label_jsonl,
     label_report,
     label_states,
@@ -25,6 +26,9 @@ from pairaug_ray.findings import (
     uncertainty_grades,
 )
 from pairaug_ray.io.reports import iter_iu_reports, iu_corpus_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.labeler_agreement import iu_agreement  # noqa: E402
 
 
 def states(text):
