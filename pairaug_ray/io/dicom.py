@@ -11,9 +11,9 @@ Usage: ``img = decode_any(open("x.dcm", "rb").read(), name="x.dcm", size=512, id
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
-import contextlib
 import io
 import logging
 import re
@@ -26,20 +26,24 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    get_decoder,
+)
 from pydicom.pixels.processing import apply_voi, apply_windowing
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-ERROR_CLASSES = (
-    "not_dicom",
-    "no_pixel_data",
-    "truncated_pixel_data",
-    "unsupported_transfer_syntax",
-    "not_an_image",
-    "unreadable",
-    "bad_image",
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
 )
+
+from pairaug_ray.errors import DECODE_ERROR_CLASSES, DecodeError  # noqa: F401 (re-exported)
+
+ERROR_CLASSES = DECODE_ERROR_CLASSES
 
 # Modalities and SOP classes of DICOM objects that carry no radiograph (reports, documents,
 # presentation states, waveforms, RT plans, ...).
@@ -58,16 +62,6 @@ _EXPLICIT_VRS = frozenset(
 _CS_VALUE = re.compile(r"^[A-Z0-9 _]{1,16}$")  # the DICOM Code String character set
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-class DecodeError(Exception):
-    """Bad input, classified: ``error_class`` is one of ERROR_CLASSES; str(e) says why."""
-
-    def __init__(self, error_class: str, message: str):
-        if error_class not in ERROR_CLASSES:
-            raise ValueError(f"unknown error class {error_class!r}")
-        super().__init__(message)
-        self.error_class = error_class
 
 
 @dataclass

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 
 from pairaug_ray.llm.prompts import library_for
-from pairaug_ray.stages.base import StageError
+from pairaug_ray.errors import StageError
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from pairaug_ray.llm.prompts import library_for
-from pairaug_ray.stages.base import StageError
+from pairaug_ray.errors import StageError
 
 log = logging.getLogger(__name__)
 

@@ -351,7 +351,7 @@ class VLLMRewriter:
     def rewrite(self, requests) -> list:
         from vllm import SamplingParams
 
-        from pairaug_ray.stages.base import StageError
+        from pairaug_ray.errors import StageError
 
         results: list = [None] * len(requests)
         prompts, params, idx = [], [], []

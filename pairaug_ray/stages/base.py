@@ -32,20 +32,14 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from pairaug_ray.errors import StageError  # noqa: F401 (stages raise it; re-exported)
+
 log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 ERROR_COLUMNS = ("status", "error_class", "error", "stage")
 TIMING_PREFIX = "_sec_"
-
-
-class StageError(Exception):
-    """A classified, expected per-row failure (bad input, rejected output)."""
-
-    def __init__(self, error_class: str, message: str):
-        super().__init__(message)
-        self.error_class = error_class
 
 
 class StageConfig(BaseModel):
