@@ -109,10 +109,11 @@ def _reference(cfg, out: str) -> dict:
 
     from pairaug_ray import schema as S
     from pairaug_ray.config import output_fingerprint
+    from pairaug_ray.stages.edit import p2p_settings
     from pairaug_ray.io.dicom import encode_png
     from pairaug_ray.io.store import Store
     from pairaug_ray.models.diffusion import load_sd_pipeline
-    from pairaug_ray.models.p2p import p2p_edit_variants
+    from pairaug_ray.models.p2p import p2p_edit_many
     from pairaug_ray.pipeline import PLAN_COLUMNS, plan_candidates
     from pairaug_ray.stages.generate import ImageGenerator, truncate_prompt
     from pairaug_ray.stages.prune import apply_prune, intra_means
@@ -126,7 +127,6 @@ def _reference(cfg, out: str) -> dict:
     if acfg.limit:
         table = table.slice(0, acfg.limit)
     fp = output_fingerprint(acfg.rewrite, acfg.generate, acfg.edit, acfg.score)
-    acfg_json = acfg.model_dump_json()
 
     rewriter = RewriteStage(acfg.rewrite)
     generator = ImageGenerator(acfg.generate)
@@ -137,7 +137,8 @@ def _reference(cfg, out: str) -> dict:
     scored: list[dict] = []
     errors = 0
     for study in table.to_pylist():
-        planned = plan_candidates(pd.DataFrame([study]), acfg_json=acfg_json, fp=fp, done=frozenset())
+        planned = plan_candidates(pd.DataFrame([study]), inter_variants=acfg.inter_variants,
+                                  intra_variants=acfg.intra_variants, seed=acfg.seed, fp=fp)
         for row in planned.to_dict("records"):
             res = rewriter.process([row])[0]
             if isinstance(res, BaseException):
@@ -148,13 +149,10 @@ def _reference(cfg, out: str) -> dict:
                 image = generator.generate([row["rewritten_report"]], [int(row["seed"])])[0]
                 row["image_png"] = encode_png(image, bits=acfg.generate.png_bits)
             else:
-                (source, edited), = p2p_edit_variants(
-                    edit_pipe, truncate_prompt(edit_pipe.tokenizer, row["report"]),
-                    [(truncate_prompt(edit_pipe.tokenizer, row["rewritten_report"]), int(row["seed"]))],
-                    steps=ecfg.steps, guidance_scale=ecfg.guidance_scale,
-                    cross_replace=ecfg.cross_replace, self_replace=ecfg.self_replace, edit=ecfg.edit,
-                    local_blend_words=ecfg.blend_words or None, blend_threshold=ecfg.blend_threshold,
-                    self_replace_max_tokens=ecfg.self_replace_max_tokens, image_size=ecfg.image_size)
+                (source, edited), = p2p_edit_many(
+                    edit_pipe, [(truncate_prompt(edit_pipe.tokenizer, row["report"]),
+                                 truncate_prompt(edit_pipe.tokenizer, row["rewritten_report"]), int(row["seed"]))],
+                    p2p_settings(ecfg))
                 row["image_png"] = encode_png(edited, bits=ecfg.png_bits)
                 row["source_image_png"] = encode_png(source, bits=ecfg.png_bits)
             res = scorer.process([row])[0]
@@ -283,8 +281,8 @@ def machine() -> dict:
 
 
 def init_ray(num_cpus: int | None) -> None:
-    from pairaug_ray.config import RayConfig
-    from pairaug_ray.pipeline import init_ray as pipeline_init_ray
+    from pairaug_ray.runtime import RayConfig
+    from pairaug_ray.runtime import init_ray as pipeline_init_ray
 
     pipeline_init_ray(RayConfig(num_cpus=num_cpus or None, progress_bars=False))
 

@@ -47,7 +47,8 @@ def _config(backend: str, model: str, args, **extra):
 def sequential(rows: list[dict], model: str, args) -> dict:
     """(a) One report at a time through the transformers model, in this process, no Ray."""
     from pairaug_ray.llm.hf_backend import TransformersBackend
-    from pairaug_ray.stages.rewrite import RewriteRequest, review_rewrite
+    from pairaug_ray.llm.validation import review_rewrite
+    from pairaug_ray.stages.rewrite import RewriteRequest
 
     backend = TransformersBackend(_config("transformers", model, args))
     t0 = time.perf_counter()
@@ -91,7 +92,7 @@ def vllm_on_ray(rows, model, args, engine: str) -> dict:
     """(c) The vllm backend: ray.data.llm processors, or vllm.LLM inside RewriteStage actors."""
     import ray
 
-    from pairaug_ray.llm.vllm_backend import add_vllm_rewrite
+    from pairaug_ray.stages.rewrite_vllm import add_vllm_rewrite
 
     cfg = _config("vllm", model, args, num_cpus=args.engine_cpus,
                   vllm={"engine": engine, "engine_kwargs": {"max_model_len": 1024}})

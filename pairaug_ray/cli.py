@@ -1,4 +1,4 @@
-"""The ``pairaug`` command.
+"""The pairaug command: every job of the project, one way of loading configs.
 
 Usage::
 
@@ -8,10 +8,14 @@ Usage::
     pairaug augment --config jobs/configs/demo.yaml --studies runs/ingest --out runs/augment
     pairaug train --studies runs/ingest --pairs runs/augment --mix original,inter,intra --out runs/train
     pairaug evaluate --model original=runs/train/vlp/model --studies runs/ingest --out runs/eval
+    pairaug zeroshot runs/train/vlp/model runs/ingest --split test
     pairaug ablate --studies runs/ingest --pairs runs/augment --out runs/ablate --steps 200
-    pairaug label < reports.jsonl > labels.jsonl   # {"id","report"} per line → labels per line
+    pairaug estimate --config jobs/configs/mimic.yaml --studies 220000
+    pairaug label reports.jsonl > labels.jsonl     # {"id","report"} per line -> labels per line
 
-Every job command takes ``--config FILE`` (YAML) and trailing ``section.key=value`` overrides.
+Every job command takes --config FILE (YAML) and section.key=value overrides anywhere on the
+line; its flags are shorthands for keys of its own section and win over both. The jobs/ entry
+points (python -m jobs.<command>) parse their arguments with this module.
 """
 
 from __future__ import annotations
@@ -27,25 +31,37 @@ from pairaug_ray import __version__
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "jobs", "configs", "demo.yaml")
+# Kept in step with vocab.TRAIN_SOURCES / ABLATION_VARIANTS (tests check it): importing vocab
+# would import numpy and pandas, and --help must stay fast.
+TRAIN_SOURCES = "original, inter, intra, text_only, image_only"
+ABLATION_VARIANTS = "original, inter, intra, pairaug, text_only, image_only"
 
 
-def _config(args, extra: list[str] | None = None):
-    from pairaug_ray.config import load_config
-
-    path = args.config
-    if path is None and getattr(args, "default_config", None):
-        path = args.default_config if os.path.exists(args.default_config) else None
-    return load_config(path, list(extra or []) + list(args.overrides or []))
+def _csv(value: str | None, cast=str) -> list | None:
+    return None if value is None else [cast(v.strip()) for v in value.split(",") if v.strip()]
 
 
-def _with_loaded_config(cmd):
-    """Adapts a command that takes ``args.config`` as the loaded PairAugConfig."""
+def _with_flags(section, **flags):
+    """``section`` (a pydantic model) with the given flags set; flags left at None change nothing."""
+    updates = {k: v for k, v in flags.items() if v is not None}
+    if not updates:
+        return section
+    return type(section).model_validate({**section.model_dump(), **updates})
 
-    def run(args) -> int:
-        args.config = _config(args)
-        return cmd(args)
 
-    return run
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+def add_phantom_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, default=64, help="number of studies (default 64)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed: same seed, same studies (default 0)")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
+    p.add_argument("--reports", choices=["auto", "iu", "template"], default="auto",
+                   help="report text: the IU corpus when installed (auto), or templates")
 
 
 def cmd_phantom(args) -> int:
@@ -54,32 +70,37 @@ def cmd_phantom(args) -> int:
     t0 = time.perf_counter()
     counts = phantom.write_dataset(args.out, n=args.n, seed=args.seed, size=args.size,
                                    report_source=args.reports)
-    print(json.dumps({"out": os.path.abspath(args.out), **counts,
-                      "seconds": round(time.perf_counter() - t0, 2)}, default=str))
+    _print_json({"out": os.path.abspath(args.out), **counts, "seconds": round(time.perf_counter() - t0, 2)})
     return 0
+
+
+def add_ingest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", help="folder, manifest, s3:// URI, iu:// or phantom://N?seed=S "
+                   "(default: ingest.source)")
+    p.add_argument("--out", help="output folder or s3:// URI (default: ingest.out)")
 
 
 def cmd_ingest(args) -> int:
     from pairaug_ray.pipeline import run_ingest
 
-    extra = [f"ingest.source={args.source}"] if args.source else []
-    if args.out:
-        extra.append(f"ingest.out={args.out}")
-    manifest = run_ingest(_config(args, extra))
-    print(json.dumps(manifest))
+    cfg = args.config
+    ingest = _with_flags(cfg.ingest, source=args.source, out=args.out)
+    _print_json(run_ingest(ingest, storage=cfg.storage, ray=cfg.ray))
     return 0
+
+
+def add_augment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies", help="an ingest output folder (local or s3://)")
+    p.add_argument("--out", help="output folder or s3:// URI")
 
 
 def cmd_augment(args) -> int:
     from pairaug_ray.pipeline import run_augment
 
-    extra = []
-    if args.studies:
-        extra.append(f"augment.studies={args.studies}")
-    if args.out:
-        extra.append(f"augment.out={args.out}")
-    manifest = run_augment(_config(args, extra))
-    print(json.dumps(manifest))
+    cfg = args.config
+    augment = _with_flags(cfg.augment, studies=args.studies, out=args.out)
+    manifest = run_augment(augment, storage=cfg.storage, ray=cfg.ray)
+    _print_json(manifest)
     if not sum(b["candidates"] for b in manifest["branches"].values()):
         print(f"pairaug augment: no candidate was produced; every row failed: "
               f"{manifest['errors_by_stage_class']} (rewrite rejections: "
@@ -88,9 +109,18 @@ def cmd_augment(args) -> int:
     return 0
 
 
-def cmd_label(args) -> int:
-    from pairaug_ray.labeler import label_jsonl
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", nargs="?", default="-", help="JSONL file of {id, report} (default stdin)")
+    p.add_argument("--output", default="-", help="JSONL file (default stdout)")
+    p.add_argument("--text", help="label this one report instead; prints its findings as JSON")
 
+
+def cmd_label(args) -> int:
+    from pairaug_ray.labeler import findings_to_json, label_jsonl, label_report
+
+    if args.text is not None:
+        print(findings_to_json(label_report(args.text)))
+        return 0
     src = open(args.input) if args.input and args.input != "-" else sys.stdin
     dst = open(args.output, "w") if args.output and args.output != "-" else sys.stdout
     lines = (json.loads(line) for line in src if line.strip())
@@ -100,15 +130,174 @@ def cmd_label(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- training
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies", help="an ingest output folder (local or s3://) with studies/")
+    p.add_argument("--pairs", help="an augment output folder with pairs/ (kept pairs)")
+    p.add_argument("--mix", help=f"comma-separated training sources, any of {TRAIN_SOURCES}")
+    p.add_argument("--out", help="run storage folder (local or s3://)")
+    p.add_argument("--name", help="run name; re-running with the same --out and --name resumes")
+    p.add_argument("--steps", type=int, help="training steps")
+
+
+def cmd_train(args) -> int:
+    from pairaug_ray.runtime import init_ray
+    from pairaug_ray.train.vlp import train_vlp
+
+    cfg = args.config
+    train = _with_flags(cfg.train, studies=args.studies, pairs=args.pairs, out=args.out, name=args.name,
+                        steps=args.steps, mix=_csv(args.mix))
+    init_ray(cfg.ray)
+    _print_json(train_vlp(train, cfg.storage))
+    return 0
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", dest="models", metavar="NAME=URI",
+                   help="a VLP folder or tiny:// uri, optionally NAME=; repeat to compare")
+    p.add_argument("--studies", help="ingest folder (studies/) or a CheXpert-style CSV")
+    p.add_argument("--out", help="output folder (local or s3://)")
+    p.add_argument("--split", help="split to evaluate on (default test; 'all' = every row)")
+    p.add_argument("--classes", help="comma-separated observations (default: all 14)")
+    p.add_argument("--templates", help="'pos {}|neg {};...' or 'ensemble' (default '{}|no {}')")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs (default 200)")
+    p.add_argument("--finetune", help="also fine-tune on these label fractions, e.g. 0.01,0.1,1.0")
+    p.add_argument("--finetune-mode", choices=["linear", "full"],
+                   help="linear probe on frozen image features, or the whole image tower")
+    p.add_argument("--finetune-steps", type=int, help="optimiser steps per fine-tuning run")
+
+
+def cmd_evaluate(args) -> int:
+    from pairaug_ray.runtime import init_ray
+    from pairaug_ray.train.evaluate import run_evaluate
+
+    cfg = args.config
+    ecfg = _with_flags(cfg.evaluate, models=args.models, studies=args.studies, out=args.out,
+                       split=args.split, classes=_csv(args.classes), templates=args.templates,
+                       bootstrap=args.bootstrap, finetune_fractions=_csv(args.finetune, float),
+                       finetune_mode=args.finetune_mode, finetune_steps=args.finetune_steps)
+    if ecfg.finetune_fractions:
+        init_ray(cfg.ray)
+    fields = ecfg.model_dump()
+    models, studies, out = fields.pop("models"), fields.pop("studies"), fields.pop("out")
+    res = run_evaluate(models, studies, out, storage=cfg.storage, **fields)
+    _print_json({"out": out, "files": res["files"], "seconds": res["seconds"],
+                 "models": {n: {"zeroshot_mean_auc": m["zeroshot"]["mean_auc"],
+                                **({"finetune_mean_auc": {f"{r['fraction']:g}": r["mean_auc"]
+                                                          for r in m["finetune"]}} if "finetune" in m else {})}
+                            for n, m in res["models"].items()}})
+    return 0
+
+
+def add_zeroshot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a VLP folder or tiny:// uri")
+    p.add_argument("studies", help="ingest folder (studies/) or a CheXpert-style CSV")
+    p.add_argument("--split", default="test", help="split to evaluate on (default test; 'all' = every row)")
+
+
+def cmd_zeroshot(args) -> int:
+    from pairaug_ray.train.zeroshot import zeroshot_eval
+
+    r = zeroshot_eval(args.model, args.studies, None if args.split == "all" else args.split)
+    _print_json({k: v for k, v in r.items() if k != "classes"})
+    return 0
+
+
+def add_ablate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies", help="ingest output folder (studies/)")
+    p.add_argument("--pairs", help="augment output folder (pairs/)")
+    p.add_argument("--out", help="output folder (local or s3://)")
+    p.add_argument("--steps", type=int, help="VLP step budget per variant")
+    p.add_argument("--variants", help=f"comma-separated subset of {ABLATION_VARIANTS}")
+    p.add_argument("--fractions", help="label fractions for fine-tuning, e.g. 0.01,0.1,1.0 ('' = none)")
+    p.add_argument("--finetune-mode", choices=["linear", "full"],
+                   help="linear probe on frozen image features, or the whole image tower")
+    p.add_argument("--finetune-steps", type=int, help="optimiser steps per fine-tuning run")
+    p.add_argument("--split", help="evaluation split(s), e.g. test or validate,test")
+    p.add_argument("--batch-size", type=int, help="VLP global batch size")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs")
+
+
+def cmd_ablate(args) -> int:
+    from pairaug_ray.runtime import init_ray
+    from pairaug_ray.train.ablate import AblateConfig, run_ablate
+
+    cfg = args.config
+    acfg = _with_flags(getattr(cfg, "ablate", None) or AblateConfig(),
+                       studies=args.studies, pairs=args.pairs, out=args.out, steps=args.steps,
+                       variants=_csv(args.variants), fractions=_csv(args.fractions, float),
+                       finetune_mode=args.finetune_mode, finetune_steps=args.finetune_steps,
+                       split=args.split, batch_size=args.batch_size, bootstrap=args.bootstrap)
+    init_ray(cfg.ray)
+    res = run_ablate(acfg, cfg.storage)
+    _print_json({"out": acfg.out, "files": res["files"], "seconds": res["seconds"],
+                 "variants": {v: {"zeroshot_mean_auc": m["zeroshot"]["mean_auc"],
+                                  "finetune_mean_auc": {f"{r['fraction']:g}": r["mean_auc"]
+                                                        for r in m["finetune"]}}
+                              for v, m in res["models"].items()}})
+    return 0
+
+
+def add_estimate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies", type=int, help="study count (default: estimate.studies)")
+    p.add_argument("--measure-sample", type=int, metavar="K",
+                   help="measure per-stage rates on K PhantomCXR studies here instead of the config's")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def cmd_estimate(args) -> int:
+    from pairaug_ray.estimate import STAGES, estimate, format_table, measure_rates
+
+    cfg = args.config
+    est = cfg.estimate
+    studies = args.studies or est.studies
+    if not studies:
+        raise ValueError("give --studies N (or estimate.studies in the config)")
+    rates = dict(est.rows_per_s)
+    measured = None
+    if args.measure_sample:
+        measured = measure_rates(cfg, args.measure_sample)
+        rates.update(measured["rows_per_s"])
+    unknown = set(rates) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages in estimate.rows_per_s: {sorted(unknown)}; known: {STAGES}")
+    result = estimate(cfg.augment, rates, studies)
+    result["rates_from"] = "measured" if measured else "config"
+    if measured:
+        result["measured"] = measured
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_table(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="pairaug_out/demo", help="output folder (default pairaug_out/demo)")
+    p.add_argument("--n", type=int, default=48, help="PhantomCXR studies (default 48)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.add_argument("--size", type=int, default=256, help="PhantomCXR image size in pixels (default 256)")
+    p.add_argument("--reports", choices=["auto", "iu", "template"], default="auto",
+                   help="report text: the IU corpus when installed (auto), or templates")
+    p.add_argument("--no-train", action="store_true",
+                   help="skip the VLP training and evaluation (ingest + augment only)")
+
+
 def cmd_demo(args) -> int:
     from pairaug_ray import phantom
-    from pairaug_ray.pipeline import init_ray, run_augment, run_ingest
+    from pairaug_ray.config import load_config
+    from pairaug_ray.pipeline import run_augment, run_ingest
+    from pairaug_ray.runtime import init_ray
 
     out = os.path.abspath(args.out)
     ingest_out, augment_out, train_out = (os.path.join(out, d) for d in ("ingest", "augment", "train"))
-    cfg = _config(args, [f"ingest.out={ingest_out}", f"augment.studies={ingest_out}",
-                         f"augment.out={augment_out}", f"train.studies={ingest_out}",
-                         f"train.pairs={augment_out}", f"train.out={train_out}"])
+    cfg = load_config(args.config_path, [
+        f"ingest.out={ingest_out}", f"augment.studies={ingest_out}", f"augment.out={augment_out}",
+        f"train.studies={ingest_out}", f"train.pairs={augment_out}", f"train.out={train_out}",
+        *args.overrides])
     train = not args.no_train
     n_steps = 6 if train else 3
     t0 = time.perf_counter()
@@ -171,97 +360,82 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+# ----------------------------------------------------------------------------- parser
+
+# name -> (help, add-arguments, command, takes a job config, default config file)
+COMMANDS = {
+    "demo": ("the whole pipeline at toy scale on PhantomCXR with local Ray", add_demo_args, cmd_demo,
+             True, DEMO_CONFIG),
+    "phantom": ("write a PhantomCXR dataset (MIMIC-CXR style DICOM tree)", add_phantom_args, cmd_phantom,
+                False, None),
+    "ingest": ("decode, label and write a source's studies as a Parquet table", add_ingest_args, cmd_ingest,
+               True, None),
+    "augment": ("rewrite, generate/edit, score, prune and write augmented pairs", add_augment_args,
+                cmd_augment, True, None),
+    "train": ("train the VLP on Ray Train (studies + kept augmented pairs)", add_train_args, cmd_train,
+              True, None),
+    "evaluate": ("zero-shot (and optionally fine-tuned) evaluation of VLPs: table + plots",
+                 add_evaluate_args, cmd_evaluate, True, None),
+    "zeroshot": ("zero-shot AUCs of one VLP (CheXzero protocol), as one JSON line", add_zeroshot_args,
+                 cmd_zeroshot, False, None),
+    "ablate": ("the paper's ablation: VLPs on original / +InterAug / +IntraAug / both / text-only / "
+               "image-only, each evaluated zero-shot and fine-tuned", add_ablate_args, cmd_ablate, True, None),
+    "estimate": ("expected GPU-hours and wall time per augmentation stage for a study count",
+                 add_estimate_args, cmd_estimate, True, None),
+    "label": ("label reports with the CheXpert-style labeler: JSONL {id, report} -> JSONL of labels",
+              add_label_args, cmd_label, False, None),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pairaug", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="pairaug", description=__doc__.split("\n\n")[0],
+                                epilog="Run `pairaug COMMAND --help` for a command's flags.")
     p.add_argument("--version", action="version", version=f"pairaug_ray {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def job(name: str, help_: str, default_config: str | None = None):
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, add_args, func, job, default_config) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--config", help="YAML config file")
-        sp.set_defaults(default_config=default_config)
-        return sp
-
-    sp = sub.add_parser("phantom", help="write a PhantomCXR dataset (MIMIC-CXR style DICOM tree)")
-    sp.add_argument("--n", type=int, default=64, help="number of studies")
-    sp.add_argument("--out", required=True, help="output folder")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--size", type=int, default=256, help="image size in pixels")
-    sp.add_argument("--reports", choices=["auto", "iu", "template"], default="auto",
-                    help="report text: IU corpus when installed (auto), or templates")
-    sp.set_defaults(func=cmd_phantom)
-
-    sp = job("ingest", "decode, label and write a source's studies as a Parquet table")
-    sp.add_argument("source", nargs="?", help="folder, manifest, s3:// URI, iu:// or phantom://N?seed=S")
-    sp.add_argument("--out", help="output folder or s3:// URI")
-    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    sp.set_defaults(func=cmd_ingest)
-
-    sp = job("augment", "rewrite, generate/edit, score, prune and write augmented pairs")
-    sp.add_argument("--studies", help="an ingest output folder (local or s3://)")
-    sp.add_argument("--out", help="output folder or s3:// URI")
-    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    sp.set_defaults(func=cmd_augment)
-
-    from pairaug_ray.train.vlp import add_train_arguments, cmd_train
-
-    sp = job("train", "train the VLP on Ray Train (studies + kept augmented pairs)")
-    add_train_arguments(sp)
-    sp.set_defaults(func=cmd_train)
-
-    from pairaug_ray.train.ablate import add_ablate_args, cmd_ablate
-    from pairaug_ray.train.evaluate import add_evaluate_args, cmd_evaluate
-
-    sp = job("evaluate", "zero-shot (and optionally fine-tuned) evaluation of VLPs: table + plots")
-    add_evaluate_args(sp)
-    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    sp.set_defaults(func=_with_loaded_config(cmd_evaluate))
-
-    sp = job("ablate", "the paper's ablation: VLPs on original / +InterAug / +IntraAug / both / "
-             "text-only / image-only, each evaluated zero-shot and fine-tuned")
-    add_ablate_args(sp)
-    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    sp.set_defaults(func=_with_loaded_config(cmd_ablate))
-
-    from pairaug_ray import estimate as est
-
-    sp = sub.add_parser("estimate", help="expected GPU-hours and wall time per augmentation stage")
-    est.add_arguments(sp)
-    sp.set_defaults(func=est.cmd_estimate, default_config=None)
-
-    sp = sub.add_parser("label", help="label reports: JSONL {id, report} → JSONL of labels")
-    sp.add_argument("input", nargs="?", default="-", help="JSONL file (default stdin)")
-    sp.add_argument("--output", default="-", help="JSONL file (default stdout)")
-    sp.set_defaults(func=cmd_label)
-
-    sp = job("demo", "the whole pipeline at toy scale on PhantomCXR with local Ray", DEMO_CONFIG)
-    sp.add_argument("--out", default="pairaug_out/demo", help="output folder")
-    sp.add_argument("--n", type=int, default=48, help="PhantomCXR studies")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--size", type=int, default=256)
-    sp.add_argument("--reports", choices=["auto", "iu", "template"], default="auto")
-    sp.add_argument("--no-train", action="store_true",
-                    help="skip the VLP training and evaluation (ingest + augment only)")
-    sp.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    sp.set_defaults(func=cmd_demo)
+        if job:
+            sp.add_argument("--config", help="YAML config file" + (
+                f" (default {os.path.relpath(default_config)})" if default_config else ""))
+            sp.epilog = "Trailing section.key=value words override the config (e.g. ray.num_cpus=4)."
+        add_args(sp)
+        sp.set_defaults(func=func, job=job, default_config=default_config)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses a pairaug command line; ``section.key=value`` words anywhere become ``args.overrides``
+    (so they never land in a positional argument such as ingest's source)."""
+    from_argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # Overrides may come before or after options, so collect every leftover "a.b=c" word.
-    args, unknown = parser.parse_known_args(argv)
-    stray = [u for u in unknown if u.startswith("-") or "=" not in u]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if hasattr(args, "overrides"):
-        args.overrides = list(args.overrides or []) + unknown
-    elif unknown:
-        parser.error(f"{args.command} takes no config overrides: {' '.join(unknown)}")
+    overrides = [w for w in from_argv if _is_override(w)]
+    args = parser.parse_args([w for w in from_argv if not _is_override(w)])
+    if overrides and not args.job:
+        parser.error(f"{args.command} takes no config overrides: {' '.join(overrides)}")
+    args.overrides = overrides
+    return args
+
+
+def _is_override(word: str) -> bool:
+    key = word.split("=", 1)[0]
+    return "=" in word and not word.startswith("-") and bool(key) and all(
+        part.isidentifier() for part in key.split("."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.job:
+            from pairaug_ray.config import load_config
+
+            path = args.config
+            if path is None and args.default_config and os.path.exists(args.default_config):
+                path = args.default_config
+            args.config_path = path
+            args.config = load_config(path, args.overrides)
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"pairaug {args.command}: error: {exc}", file=sys.stderr)

@@ -1,81 +1,40 @@
-"""Configuration: one pydantic model per job, loaded from YAML with dotted command-line overrides.
+"""Configuration: the job sections composed into one model, loaded from YAML with dotted overrides.
 
 Usage::
 
     cfg = load_config("jobs/configs/demo.yaml", ["ingest.decode.image_size=128", "ray.num_cpus=2"])
     cfg.ingest.source        # "phantom://48?seed=0"
 
-Every stage's actor pool (min/max actors, batch size, CPUs, GPUs, accelerator type, custom
-resources) is a field of its stage config, so one YAML maps the stages onto a cluster.
+Each section is defined next to the job that reads it (``runtime.RayConfig``,
+``io.store.StorageConfig``, ``pipeline.IngestConfig`` / ``AugmentConfig``, ``train.vlp.TrainConfig``,
+...); this module only composes them. Every stage's actor pool (min/max actors, batch size, CPUs,
+GPUs, accelerator type, custom resources) is a field of its stage config, so one YAML maps the
+stages onto a cluster. Unknown keys are errors, at any depth.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from pairaug_ray.io.store import StorageConfig
-from pairaug_ray.stages.base import StageConfig
-from pairaug_ray.stages.decode import DecodeConfig
-from pairaug_ray.stages.edit import EditConfig
-from pairaug_ray.stages.generate import GenerateConfig
-from pairaug_ray.stages.label import LabelConfig
-from pairaug_ray.stages.prune import PruneConfig
-from pairaug_ray.stages.rewrite import RewriteConfig
-from pairaug_ray.stages.score import ScoreConfig
 from pairaug_ray.estimate import EstimateConfig
+from pairaug_ray.io.store import StorageConfig
+from pairaug_ray.pipeline import AugmentConfig, IngestConfig, WritePoolConfig  # noqa: F401
+from pairaug_ray.runtime import RayConfig
+from pairaug_ray.stages.base import RESOURCE_FIELDS, fingerprint, output_fingerprint  # noqa: F401
 from pairaug_ray.train.ablate import AblateConfig
 from pairaug_ray.train.evaluate import EvaluateConfig
 from pairaug_ray.train.vlp import TrainConfig
 
 
-class _Strict(BaseModel):
+class PairAugConfig(BaseModel):
+    """Every job's settings: one YAML file can hold any subset of these sections."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-
-class RayConfig(_Strict):
-    address: str | None = Field(None, description="Ray address; None starts (or joins) a local cluster")
-    num_cpus: int | None = Field(None, description="CPUs of a local cluster; None = all")
-    progress_bars: bool = True
-
-
-class WritePoolConfig(StageConfig):
-    batch_size: int = 64
-    num_cpus: float = 0.25
-
-
-class IngestConfig(_Strict):
-    source: str = "phantom://48?seed=0"
-    out: str = "pairaug_out/ingest"
-    decode: DecodeConfig = Field(default_factory=DecodeConfig)
-    label: LabelConfig = Field(default_factory=LabelConfig)
-    write: WritePoolConfig = Field(default_factory=WritePoolConfig)
-
-
-class AugmentConfig(_Strict):
-    studies: str = Field("pairaug_out/ingest", description="an ingest output folder (local or s3://)")
-    out: str = "pairaug_out/augment"
-    seed: int = 0
-    splits: list[str] = Field(default_factory=lambda: ["train"],
-                              description="splits to augment; never the test split you evaluate on")
-    inter_variants: int = Field(1, ge=0, description="InterAug candidates per study")
-    intra_variants: int = Field(2, ge=0, description="IntraAug candidates per study (reference: 10)")
-    limit: int | None = Field(None, ge=1, description="augment at most this many studies")
-    rewrite: RewriteConfig = Field(default_factory=RewriteConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    edit: EditConfig = Field(default_factory=EditConfig)
-    score: ScoreConfig = Field(default_factory=ScoreConfig)
-    prune: PruneConfig = Field(default_factory=PruneConfig)
-    write: WritePoolConfig = Field(default_factory=WritePoolConfig)
-    report: bool = Field(True, description="write report.html with example grids and score histograms")
-
-
-class PairAugConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -120,27 +79,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cls.model_validate(data)
 
 
-# Settings that change where and how fast a stage runs, not what it outputs: they do not enter
-# the output fingerprint, so re-running with another pool size or timeout keeps the pair ids.
-RESOURCE_FIELDS = {"batch_size", "min_actors", "max_actors", "num_cpus", "num_gpus",
-                   "accelerator_type", "resources", "device", "dtype", "request_timeout_s",
-                   "concurrency", "max_retries", "backoff_s", "backoff_max_s", "api_key_env",
-                   "max_variants_per_call", "retry_max_actors", "max_concurrent_batches",
-                   "helper_num_cpus", "log_engine_metrics"}
-
-
-def fingerprint(model: BaseModel, exclude: set[str] | None = None) -> str:
-    """A short stable hash of what determines the outputs (resources and paths excluded by caller)."""
-    blob = json.dumps(model.model_dump(mode="json", exclude=exclude), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def output_fingerprint(*stage_configs: BaseModel) -> str:
-    """Hash of the stage settings that change outputs; pool sizes and devices do not count."""
-    def strip(node):
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in RESOURCE_FIELDS}
-        return node
-
-    parts = [strip(cfg.model_dump(mode="json")) for cfg in stage_configs]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+def load_with_estimate(path: str | None, overrides: list[str] | None = None):
+    """(PairAugConfig, its EstimateConfig) from a YAML file; the ``estimate:`` section is optional."""
+    cfg = load_config(path, overrides)
+    return cfg, cfg.estimate

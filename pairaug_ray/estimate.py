@@ -4,7 +4,7 @@ Usage::
 
     pairaug estimate --config jobs/configs/mimic.yaml --studies 220000
     pairaug estimate --config jobs/configs/demo.yaml --studies 10000 --measure-sample 8
-    python -m pairaug_ray.estimate --config jobs/configs/mimic.yaml --json
+    pairaug estimate --config jobs/configs/mimic.yaml --json
 
 Per-stage throughput comes from the config or from a measurement:
 
@@ -35,11 +35,8 @@ GPU waits.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 import tempfile
 from typing import Any
 
@@ -58,14 +55,6 @@ class EstimateConfig(BaseModel):
         default_factory=dict,
         description="rows/s of one actor of each stage (rewrite, generate, edit, score, write) with "
                     "the stage's configured resources")
-
-
-def load_with_estimate(path: str | None, overrides: list[str] | None = None):
-    """(PairAugConfig, its EstimateConfig) from a YAML file; the ``estimate:`` section is optional."""
-    from pairaug_ray.config import load_config
-
-    cfg = load_config(path, overrides)
-    return cfg, cfg.estimate
 
 
 def rows_per_study(acfg) -> dict[str, int]:
@@ -171,47 +160,3 @@ def format_table(result: dict) -> str:
         lines.append("no throughput for: " + ", ".join(result["missing_rates"])
                      + " (add estimate.rows_per_s or use --measure-sample K)")
     return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of `pairaug estimate`."""
-    p.add_argument("--config", help="YAML job config (with an optional estimate: section)")
-    p.add_argument("--studies", type=int, help="study count (default: estimate.studies)")
-    p.add_argument("--measure-sample", type=int, metavar="K",
-                   help="measure per-stage rates on K PhantomCXR studies here instead of the config's")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-
-
-def cmd_estimate(args) -> int:
-    cfg, est = load_with_estimate(args.config or getattr(args, "default_config", None), args.overrides)
-    studies = args.studies or est.studies
-    if not studies:
-        raise SystemExit("give --studies N (or estimate.studies in the config)")
-    rates = dict(est.rows_per_s)
-    measured = None
-    if args.measure_sample:
-        measured = measure_rates(cfg, args.measure_sample)
-        rates.update(measured["rows_per_s"])
-    unknown = set(rates) - set(STAGES)
-    if unknown:
-        raise SystemExit(f"unknown stages in estimate.rows_per_s: {sorted(unknown)}; known: {STAGES}")
-    result = estimate(cfg.augment, rates, studies)
-    result["rates_from"] = "measured" if measured else "config"
-    if measured:
-        result["measured"] = measured
-    if args.json:
-        print(json.dumps(result, default=str))
-    else:
-        print(format_table(result))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pairaug estimate", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return cmd_estimate(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,8 +3,10 @@
 Usage::
 
     from pairaug_ray.config import load_config
-    from pairaug_ray.pipeline import run_ingest
-    manifest = run_ingest(load_config("jobs/configs/demo.yaml"))
+    from pairaug_ray.pipeline import run_augment, run_ingest
+    cfg = load_config("jobs/configs/demo.yaml")
+    manifest = run_ingest(cfg)                      # a whole job config (.ingest, .storage, .ray)
+    manifest = run_augment(cfg.augment, storage=cfg.storage, ray=cfg.ray)   # or its sections
 
 Ingest: 1 list the source on the driver → 2 drop rows a previous run already wrote (resume) →
 3 decode in an actor pool → 4 label → 5 write Parquet shards (studies + quarantine) → 6 the run
@@ -22,33 +24,72 @@ from collections import Counter
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
 
 from pairaug_ray import __version__
 from pairaug_ray import schema as S
-from pairaug_ray.config import PairAugConfig, RayConfig, fingerprint, output_fingerprint
 from pairaug_ray.io.sources import list_items
-from pairaug_ray.io.store import Store, content_hash
-from pairaug_ray.stages.base import TIMING_PREFIX
-from pairaug_ray.stages.decode import DecodeStage
-from pairaug_ray.stages.label import LabelStage
+from pairaug_ray.io.store import StorageConfig, Store
+from pairaug_ray.runtime import RayConfig, init_ray
+from pairaug_ray.stages.base import TIMING_PREFIX, StageConfig, fingerprint, output_fingerprint
+from pairaug_ray.stages.decode import DecodeConfig, DecodeStage
+from pairaug_ray.stages.edit import EditConfig
+from pairaug_ray.stages.generate import GenerateConfig
+from pairaug_ray.stages.label import LabelConfig, LabelStage
+from pairaug_ray.stages.plan import PLAN_COLUMNS, pair_seed, plan_candidates  # noqa: F401 (re-exported)
+from pairaug_ray.stages.prune import PruneConfig
+from pairaug_ray.stages.rewrite import RewriteConfig
+from pairaug_ray.stages.score import ScoreConfig
 from pairaug_ray.stages.write import WriteConfig, WriteStage
 
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: RayConfig) -> None:
-    import ray
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    if not ray.is_initialized():
-        kwargs = dict(address=cfg.address, include_dashboard=False, log_to_driver=True)
-        if cfg.address is None and cfg.num_cpus is not None:
-            kwargs["num_cpus"] = cfg.num_cpus
-        ray.init(**kwargs)
-    from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress_bars
-    ctx.enable_operator_progress_bars = cfg.progress_bars
+class WritePoolConfig(StageConfig):
+    batch_size: int = 64
+    num_cpus: float = 0.25
+
+
+class IngestConfig(_Strict):
+    """The ``ingest:`` section: where studies come from and go, and the decode/label/write pools."""
+
+    source: str = Field("phantom://48?seed=0", description="folder, manifest, s3:// URI, iu:// or phantom://N?seed=S")
+    out: str = Field("pairaug_out/ingest", description="output folder or s3:// URI")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    write: WritePoolConfig = Field(default_factory=WritePoolConfig)
+
+
+class AugmentConfig(_Strict):
+    """The ``augment:`` section: which studies, how many candidates, and every stage's settings."""
+
+    studies: str = Field("pairaug_out/ingest", description="an ingest output folder (local or s3://)")
+    out: str = Field("pairaug_out/augment", description="output folder or s3:// URI")
+    seed: int = Field(0, description="job seed: every candidate's seed and pair id derive from it")
+    splits: list[str] = Field(default_factory=lambda: ["train"],
+                              description="splits to augment; never the test split you evaluate on")
+    inter_variants: int = Field(1, ge=0, description="InterAug candidates per study")
+    intra_variants: int = Field(2, ge=0, description="IntraAug candidates per study (reference: 10)")
+    limit: int | None = Field(None, ge=1, description="augment at most this many studies")
+    rewrite: RewriteConfig = Field(default_factory=RewriteConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    edit: EditConfig = Field(default_factory=EditConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    write: WritePoolConfig = Field(default_factory=WritePoolConfig)
+    report: bool = Field(True, description="write report.html with example grids and score histograms")
+
+
+def _sections(cfg, name: str, storage: StorageConfig | None, ray_cfg: RayConfig | None):
+    """(section, storage, ray) from a whole job config (anything with ``.<name>``, ``.storage`` and
+    ``.ray``, e.g. ``config.PairAugConfig``) or from the section itself plus the keywords."""
+    if hasattr(cfg, name):
+        return getattr(cfg, name), storage or cfg.storage, ray_cfg or cfg.ray
+    return cfg, storage or StorageConfig(), ray_cfg or RayConfig()
 
 
 class Progress:
@@ -83,15 +124,19 @@ class Progress:
         return time.perf_counter() - self.t0
 
 
-def run_ingest(cfg: PairAugConfig) -> dict:
+def run_ingest(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | None = None) -> dict:
+    """Decode, label and write a source's studies; returns the run manifest (also written).
+
+    ``cfg`` is an ``IngestConfig`` (with ``storage``/``ray`` keywords) or a whole job config.
+    """
+    icfg, storage, ray_cfg = _sections(cfg, "ingest", storage, ray)
     import ray
 
-    icfg = cfg.ingest
-    store = Store(icfg.out, cfg.storage)
-    init_ray(cfg.ray)
+    store = Store(icfg.out, storage)
+    init_ray(ray_cfg)
 
     # 1. List the source (no pixels: paths, ids and, for IU, report text).
-    items = list_items(icfg.source, cfg.storage)
+    items = list_items(icfg.source, storage)
 
     # 2. Resume: rows already in the studies or quarantine table are not redone.
     done = set(store.read_column(S.STUDIES_DIR, "row_id")) | set(store.read_column(S.QUARANTINE_DIR, "row_id"))
@@ -101,7 +146,7 @@ def run_ingest(cfg: PairAugConfig) -> dict:
 
     progress = Progress("ingest", len(todo))
     if todo:
-        decode = icfg.decode.model_copy(update={"storage": cfg.storage})
+        decode = icfg.decode.model_copy(update={"storage": storage})
         blocks = max(1, min(len(todo) // max(1, decode.batch_size), 200))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
         # 3. Decode pixels and parse reports in an actor pool.
@@ -109,7 +154,7 @@ def run_ingest(cfg: PairAugConfig) -> dict:
         # 4. Label the reports.
         ds = ds.map_batches(LabelStage, **icfg.label.map_batches_kwargs(LabelStage))
         # 5. Write studies + quarantine shards; only summaries come back.
-        wcfg = WriteConfig(out=icfg.out, storage=cfg.storage, table=S.STUDIES_DIR, schema_name="study",
+        wcfg = WriteConfig(out=icfg.out, storage=storage, table=S.STUDIES_DIR, schema_name="study",
                            **icfg.write.model_dump())
         ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
@@ -145,38 +190,6 @@ def run_ingest(cfg: PairAugConfig) -> dict:
 
 # ----------------------------------------------------------------------------- augmentation
 
-PLAN_COLUMNS = ["row_id", "study_id", "patient_id", "split", "view_position", "report"]
-
-
-def pair_seed(source_row_id: str, branch: str, variant: int, seed: int) -> int:
-    return int(content_hash([source_row_id, branch, str(variant), str(seed)], n=15), 16) % (2**31 - 1)
-
-
-def plan_candidates(batch: pd.DataFrame, *, acfg_json: str, fp: str, done: frozenset) -> pd.DataFrame:
-    """Study rows → one row per planned candidate (branch × variant), minus those already written."""
-    from pairaug_ray.config import AugmentConfig
-
-    acfg = AugmentConfig.model_validate_json(acfg_json)
-    rows = []
-    for study in batch.to_dict("records"):
-        for branch, n in (("inter", acfg.inter_variants), ("intra", acfg.intra_variants)):
-            for v in range(n):
-                seed = pair_seed(study["row_id"], branch, v, acfg.seed)
-                pair_id = content_hash([study["row_id"], branch, str(v), fp, str(seed)], n=24)
-                if pair_id in done:
-                    continue
-                rows.append({
-                    "row_id": pair_id, "pair_id": pair_id, "branch": branch, "variant": v,
-                    "seed": seed, "source_row_id": study["row_id"], "study_id": study["study_id"],
-                    "patient_id": study["patient_id"], "split": study["split"],
-                    "view_position": study["view_position"], "report": study["report"],
-                    "config_fingerprint": fp, "code_version": __version__, "status": "ok",
-                    "error_class": "", "error": "", "stage": "",
-                })
-    return pd.DataFrame(rows, columns=None if rows else ["row_id", "branch", "status", "error_class",
-                                                         "error", "stage"])
-
-
 def _stage_throughput(totals: dict[str, float], rows: dict[str, int]) -> dict:
     return {stage.removeprefix(TIMING_PREFIX): {
         "busy_seconds": round(sec, 2),
@@ -199,7 +212,12 @@ class _StageClock:
                 self.rows[col] += int(vals.notna().sum())
 
 
-def run_augment(cfg: PairAugConfig) -> dict:
+def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | None = None) -> dict:
+    """Rewrite, generate/edit, score, prune and write augmented pairs; returns the run manifest.
+
+    ``cfg`` is an ``AugmentConfig`` (with ``storage``/``ray`` keywords) or a whole job config.
+    """
+    acfg, storage, ray_cfg = _sections(cfg, "augment", storage, ray)
     import ray
 
     from pairaug_ray.stages.edit import EditStage
@@ -208,10 +226,9 @@ def run_augment(cfg: PairAugConfig) -> dict:
     from pairaug_ray.stages.rewrite import RewriteStage
     from pairaug_ray.stages.score import ScoreStage
 
-    acfg = cfg.augment
-    studies = Store(acfg.studies, cfg.storage)
-    store = Store(acfg.out, cfg.storage)
-    init_ray(cfg.ray)
+    studies = Store(acfg.studies, storage)
+    store = Store(acfg.out, storage)
+    init_ray(ray_cfg)
     t0 = time.perf_counter()
     fp = output_fingerprint(acfg.rewrite, acfg.generate, acfg.edit, acfg.score)
     _claim_output(store, fp)
@@ -233,11 +250,13 @@ def run_augment(cfg: PairAugConfig) -> dict:
         store.read_column(S.QUARANTINE_DIR, "row_id"))
     per_study = acfg.inter_variants + acfg.intra_variants
     planned = src.map_batches(plan_candidates, batch_format="pandas", batch_size=16, num_cpus=0.25,
-                              fn_kwargs={"acfg_json": acfg.model_dump_json(), "fp": fp, "done": done})
+                              fn_kwargs={"inter_variants": acfg.inter_variants,
+                                                                  "intra_variants": acfg.intra_variants,
+                                                                  "seed": acfg.seed, "fp": fp, "done": done})
 
     # 3-6. Rewrite → InterAug generate → IntraAug edit → score, each an actor pool.
     if acfg.rewrite.backend == "vllm":
-        from pairaug_ray.llm.vllm_backend import add_vllm_rewrite
+        from pairaug_ray.stages.rewrite_vllm import add_vllm_rewrite
 
         ds = add_vllm_rewrite(planned, acfg.rewrite)  # ray.data.llm chain (or in-actor engine)
     else:
@@ -247,7 +266,7 @@ def run_augment(cfg: PairAugConfig) -> dict:
     ds = ds.map_batches(ScoreStage, **acfg.score.map_batches_kwargs(ScoreStage))
 
     # 7. Write every scored candidate (pass 1 of pruning needs them persisted) + quarantine.
-    wcfg = WriteConfig(out=acfg.out, storage=cfg.storage, table=S.CANDIDATES_DIR, schema_name="pair",
+    wcfg = WriteConfig(out=acfg.out, storage=storage, table=S.CANDIDATES_DIR, schema_name="pair",
                        summary_columns=["branch", "rewrite_rejections"], **acfg.write.model_dump())
     ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
     # Total shown = candidates still to do (exact unless ``done`` holds ids of other splits).
@@ -283,7 +302,7 @@ def run_augment(cfg: PairAugConfig) -> dict:
     if to_write:
         reasons = dict(zip(pruned["pair_id"], pruned["prune_reason"]))
         cands = store.ray_dataset(S.CANDIDATES_DIR)
-        pcfg = WriteConfig(out=acfg.out, storage=cfg.storage, table=S.PAIRS_DIR, schema_name="pair",
+        pcfg = WriteConfig(out=acfg.out, storage=storage, table=S.PAIRS_DIR, schema_name="pair",
                            summary_columns=["branch"], **acfg.write.model_dump())
         sel = cands.map_batches(_select_kept, batch_format="pandas",
                                 fn_kwargs={"ids": frozenset(to_write), "reasons": reasons}, num_cpus=0.25)
@@ -329,7 +348,7 @@ def run_augment(cfg: PairAugConfig) -> dict:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if acfg.report:
-        from pairaug_ray.report import write_report
+        from pairaug_ray.run_report import write_report
 
         manifest["report"] = store.uri_of(write_report(
             store, studies, inter_threshold=acfg.prune.inter_threshold,

@@ -98,12 +98,12 @@ class TransformersBackend:
         self.model = cfg.model or DEFAULT_MODEL
         self.prompts = library_for(cfg)
         path = resolve_model(self.model)
-        self.device = _pick_device(cfg.device)
+        self.device = _pick_device(cfg.transformers.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.lm = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_pick_dtype(cfg.dtype, self.device)).to(self.device).eval()
+            path, dtype=_pick_dtype(cfg.transformers.dtype, self.device)).to(self.device).eval()
         conf = self.lm.config
         self.max_positions = (getattr(conf, "max_position_embeddings", None)
                               or getattr(conf, "n_positions", None) or 2048)

@@ -2,8 +2,8 @@
 
 Usage::
 
-    cfg = RewriteConfig(backend="openai", api_base="http://vllm-head:8000/v1", model="my-model",
-                        api_key_env="OPENAI_API_KEY", concurrency=16, request_timeout_s=60)
+    cfg = RewriteConfig(backend="openai", model="my-model", openai={
+        "api_base": "http://vllm-head:8000/v1", "api_key_env": "OPENAI_API_KEY", "concurrency": 16})
     ds.map_batches(RewriteStage, **cfg.map_batches_kwargs(RewriteStage))
 
 Works with vLLM's OpenAI server, this project's Ray Serve app, or a hosted API. Stdlib HTTP
@@ -58,12 +58,12 @@ class OpenAIBackend:
         self.cfg = cfg
         self.model = cfg.model
         self.prompts = library_for(cfg)
-        self.url = cfg.api_base.rstrip("/") + "/chat/completions"
-        self._key = os.environ.get(cfg.api_key_env) or None
+        self.url = cfg.openai.api_base.rstrip("/") + "/chat/completions"
+        self._key = os.environ.get(cfg.openai.api_key_env) or None
         self._rng = random.Random(0)  # jitter only; does not touch sampling
 
     def __repr__(self) -> str:
-        key = f"${self.cfg.api_key_env} (set)" if self._key else "none"
+        key = f"${self.cfg.openai.api_key_env} (set)" if self._key else "none"
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r}, api_key={key})"
 
     def prompt_id(self, branch: str) -> str:
@@ -75,7 +75,7 @@ class OpenAIBackend:
     def rewrite(self, requests) -> list:
         if not requests:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(requests))) as pool:
+        with ThreadPoolExecutor(max_workers=min(self.cfg.openai.concurrency, len(requests))) as pool:
             return list(pool.map(self._one_safely, requests))
 
     def _one_safely(self, req):
@@ -95,20 +95,20 @@ class OpenAIBackend:
             body["seed"] = int(seed) % 2**31  # servers take 32-bit seeds
         data = json.dumps(body).encode()
         last: _Retryable | None = None
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt in range(self.cfg.openai.max_retries + 1):
             if attempt:
-                delay = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1))
+                delay = min(self.cfg.openai.backoff_max_s, self.cfg.openai.backoff_s * 2 ** (attempt - 1))
                 delay *= 0.5 + self._rng.random() / 2
                 if last is not None and last.retry_after is not None:
-                    delay = min(self.cfg.backoff_max_s, max(delay, last.retry_after))
+                    delay = min(self.cfg.openai.backoff_max_s, max(delay, last.retry_after))
                 log.warning("rewrite request to %s failed (%s: %s); retry %d/%d in %.2fs",
-                            self.url, last.error_class, last, attempt, self.cfg.max_retries, delay)
+                            self.url, last.error_class, last, attempt, self.cfg.openai.max_retries, delay)
                 time.sleep(delay)
             try:
                 return self._post(data)
             except _Retryable as e:
                 last = _Retryable(e.error_class, self.redact(str(e)), e.retry_after)
-        raise StageError(last.error_class, f"{last} (after {self.cfg.max_retries + 1} tries)")
+        raise StageError(last.error_class, f"{last} (after {self.cfg.openai.max_retries + 1} tries)")
 
     def _post(self, data: bytes) -> str:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -116,7 +116,7 @@ class OpenAIBackend:
             headers["Authorization"] = f"Bearer {self._key}"
         request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.cfg.request_timeout_s) as resp:
+            with urllib.request.urlopen(request, timeout=self.cfg.openai.request_timeout_s) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as e:
             detail = self.redact(e.read()[:300].decode("utf-8", "replace"))
@@ -126,11 +126,11 @@ class OpenAIBackend:
                 raise _Retryable(kind, f"HTTP {e.code}: {detail}", _retry_after(e.headers)) from None
             raise StageError("llm_http_error", f"HTTP {e.code} from {self.url}: {detail}") from None
         except (TimeoutError, socket.timeout) as e:
-            raise _Retryable("llm_timeout", f"no answer within {self.cfg.request_timeout_s}s ({e})") from None
+            raise _Retryable("llm_timeout", f"no answer within {self.cfg.openai.request_timeout_s}s ({e})") from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
                 raise _Retryable("llm_timeout",
-                                 f"no answer within {self.cfg.request_timeout_s}s ({e.reason})") from None
+                                 f"no answer within {self.cfg.openai.request_timeout_s}s ({e.reason})") from None
             raise _Retryable("llm_unreachable", f"{self.url}: {self.redact(str(e.reason))}") from None
         except (ConnectionError, OSError, http.client.HTTPException) as e:
             raise _Retryable("llm_unreachable", f"{self.url}: {self.redact(str(e))}") from None

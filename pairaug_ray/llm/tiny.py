@@ -27,7 +27,8 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+
+from pairaug_ray.models.uri import is_tiny, parse_tiny_uri as _parse_tiny
 
 TINY_LLM_VERSION = "v2"
 ARCHS = ("gpt2", "llama")
@@ -176,17 +177,11 @@ def tiny_llm_path(cache_dir: str | os.PathLike | None = None, seed: int = 0, arc
 
 
 def parse_tiny_uri(uri: str) -> dict | None:
-    """``tiny://llm?seed=N&arch=gpt2|llama`` -> {"seed": N, "arch": ...}; None for other names."""
-    if not uri.startswith("tiny://"):
+    """``tiny://llm?seed=N&arch=gpt2|llama`` -> {"seed": N, "arch": ...}; None for other names
+    (the rules are ``models.uri``'s)."""
+    if not is_tiny(uri):
         return None
-    parsed = urlparse(uri)
-    if parsed.netloc != "llm":
-        raise ValueError(f"unknown tiny model {uri!r}; expected tiny://llm?seed=N&arch=gpt2|llama")
-    q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-    unknown = set(q) - {"seed", "arch"}
-    if unknown:
-        raise ValueError(f"{uri!r}: unknown parameters {sorted(unknown)}")
-    return {"seed": int(q.get("seed", 0)), "arch": q.get("arch", "gpt2")}
+    return _parse_tiny(uri, kinds=("llm",))[1]
 
 
 def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:

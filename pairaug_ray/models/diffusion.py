@@ -12,29 +12,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import diffusers.utils.deprecation_utils
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
-TINY_SCHEME = "tiny://"
+from pairaug_ray.models.schedulers import ddim_scheduler
+from pairaug_ray.models.uri import TINY_SCHEME, parse_tiny_uri as _parse_tiny
+
 # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
 _NEW_DTYPE_NAME = hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype")
 _DTYPE_KWARG = "dtype" if _NEW_DTYPE_NAME else "torch_dtype"
-
-
-def ddim_scheduler() -> DDIMScheduler:
-    """The DDIM scheduler of the reference prompt-to-prompt code (Stable Diffusion betas)."""
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
@@ -52,20 +41,29 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
 
 
 def parse_tiny_uri(model: str, seed: int = 0) -> dict:
-    """``tiny://sd?size=64&seed=0&channels=32,64&cross=64`` -> ``tiny_sd_pipeline`` kwargs."""
-    parsed = urlparse(model)
-    if parsed.scheme != "tiny" or parsed.netloc != "sd":
-        raise ValueError(f"unknown tiny model {model!r}; expected tiny://sd?size=..&seed=..")
-    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-    unknown = set(query) - {"size", "seed", "channels", "cross"}
-    if unknown:
-        raise ValueError(f"unknown parameters {sorted(unknown)} in {model!r}")
-    kwargs = {"seed": int(query.get("seed", seed)), "image_size": int(query.get("size", 64))}
-    if "channels" in query:
-        kwargs["unet_channels"] = tuple(int(c) for c in query["channels"].split(","))
-    if "cross" in query:
-        kwargs["cross_attention_dim"] = int(query["cross"])
-    return kwargs
+    """``tiny://sd?size=64&seed=0&channels=32,64&cross=64`` -> ``tiny_sd_pipeline`` kwargs
+    (``seed`` when the URI names none); the rules are ``models.uri``'s."""
+    return _parse_tiny(model, kinds=("sd",), defaults={"seed": seed})[1]
+
+
+def truncate_prompt(tokenizer, text: str, max_words: int | None = None) -> str:
+    """``text`` cut (at a word boundary when possible) to fit the text encoder's context.
+
+    ``max_words`` caps the words first; then the text is cut to ``tokenizer.model_max_length - 2``
+    tokens (room for the start and end tokens), as the pipelines truncate, but at a word boundary
+    so the prompt never ends in half a word. Pipelines then see no over-long input.
+    """
+    text = " ".join(text.split()[:max_words] if max_words else text.split())
+    limit = tokenizer.model_max_length - 2
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= limit:
+        return text
+    cut = enc["offset_mapping"][limit][0]
+    head = text[:cut]
+    if cut > 0 and not text[cut - 1].isspace() and not text[cut].isspace():
+        # the cut falls inside a word: drop the partial word when there is a whole one before it
+        head = head.rsplit(" ", 1)[0] if " " in head else head
+    return head.rstrip()
 
 
 def _hub_offline() -> bool:

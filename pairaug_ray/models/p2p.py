@@ -2,10 +2,11 @@
 
 Usage::
 
+    settings = P2PSettings(steps=75, guidance_scale=4.0, cross_replace=0.5, self_replace=0.2)
+    pairs = p2p_edit_many(pipe, [(report_1, rewrite_1, seed_1), (report_2, rewrite_2, seed_2)], settings)
     source, targets = p2p_edit(pipe, "small left pleural effusion",
-                               ["large left pleural effusion"], steps=75, seed=7)
-    pairs = p2p_edit_variants(pipe, report, [(rewrite_a, seed_a), (rewrite_b, seed_b)])
-    pairs = p2p_edit_many(pipe, [(report_1, rewrite_1, seed_1), (report_2, rewrite_2, seed_2)])
+                               ["large left pleural effusion"], steps=75, seed=7)   # one shared latent
+    pairs = p2p_edit_variants(pipe, report, [(rewrite_a, seed_a), (rewrite_b, seed_b)])  # one report
 
 How it works
 ------------
@@ -44,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -461,106 +462,96 @@ def p2p_generate(
     return images[:num_sources], images[num_sources:]
 
 
-def p2p_edit(
-    pipe,
-    source_prompt: str,
-    target_prompts: Sequence[str],
-    steps: int = 75,
-    guidance_scale: float = 4.0,
-    cross_replace: float = 0.5,
-    self_replace: float = 0.2,
-    seed: int = 0,
-    generator: torch.Generator | None = None,
-    edit: str = "refine",
-    local_blend_words: Sequence[str] | None = None,
-    latents: torch.Tensor | None = None,
-    *,
-    blend_threshold: float = 0.3,
-    self_replace_max_tokens: int = 256,
-    image_size: int | None = None,
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Edit one source generation into every target prompt; all targets share ONE initial latent.
+@dataclass(frozen=True)
+class P2PSettings:
+    """How an edit runs: the reference's AttentionRefine settings by default (75 DDIM steps,
+    guidance 4, cross-attention control for the first 50% of the steps, self-attention for 20%).
 
-    The latent comes from ``latents`` ([1, C, h, w]) if given, else ``generator``, else ``seed``.
-    Returns (source image, [target image per prompt]), float32 HxW in [0, 1].
+    ``steps`` sampler steps; ``guidance_scale`` classifier-free guidance; ``cross_replace`` /
+    ``self_replace`` fractions of the steps in [0, 1]; ``edit`` "refine" | "replace";
+    ``local_blend_words`` LocalBlend words (None = off) and ``blend_threshold`` in [0, 1];
+    ``self_replace_max_tokens`` only layers with at most this many query positions get
+    self-attention injection; ``image_size`` pixels (None = the model's native size).
     """
-    if latents is None:
-        latents = seed_latent(pipe, seed, generator, image_size)
-    if latents.ndim == 3:
-        latents = latents[None]
-    if latents.shape[0] != 1:
-        raise ValueError(
-            "p2p_edit takes one shared latent [1, C, h, w]; use p2p_edit_variants for several"
-        )
-    sources, targets = p2p_generate(
-        pipe, source_prompt, target_prompts, [0] * len(target_prompts), latents,
-        steps=steps, guidance_scale=guidance_scale, cross_replace=cross_replace,
-        self_replace=self_replace, edit=edit, local_blend_words=local_blend_words,
-        blend_threshold=blend_threshold, self_replace_max_tokens=self_replace_max_tokens,
-    )
-    return sources[0], list(targets)
+
+    steps: int = 75
+    guidance_scale: float = 4.0
+    cross_replace: float = 0.5
+    self_replace: float = 0.2
+    edit: str = "refine"
+    local_blend_words: tuple[str, ...] | None = None
+    blend_threshold: float = 0.3
+    self_replace_max_tokens: int = 256
+    image_size: int | None = None
+
+    def with_overrides(self, **overrides) -> "P2PSettings":
+        """A copy with keyword overrides (the keywords of ``p2p_edit``'s earlier signature)."""
+        if overrides.get("local_blend_words") is not None:
+            overrides["local_blend_words"] = tuple(overrides["local_blend_words"]) or None
+        return replace(self, **overrides) if overrides else self
 
 
-def p2p_edit_variants(
-    pipe,
-    source_prompt: str,
-    variants: Sequence[tuple[str, int]],
-    steps: int = 75,
-    guidance_scale: float = 4.0,
-    cross_replace: float = 0.5,
-    self_replace: float = 0.2,
-    edit: str = "refine",
-    local_blend_words: Sequence[str] | None = None,
-    *,
-    blend_threshold: float = 0.3,
-    self_replace_max_tokens: int = 256,
-    image_size: int | None = None,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """IntraAug: N variants ``(target prompt, seed)`` of one report in one batched run.
+def _settings(settings: P2PSettings | None, overrides: dict) -> P2PSettings:
+    return (settings or P2PSettings()).with_overrides(**overrides)
 
-    Each distinct seed gets its own source generation; returns ``(source image, target image)``
-    per variant, in order.
-    """
-    return p2p_edit_many(
-        pipe, [(source_prompt, prompt, seed) for prompt, seed in variants],
-        steps=steps, guidance_scale=guidance_scale, cross_replace=cross_replace,
-        self_replace=self_replace, edit=edit, local_blend_words=local_blend_words,
-        blend_threshold=blend_threshold, self_replace_max_tokens=self_replace_max_tokens,
-        image_size=image_size,
+
+def _core(pipe, source_prompt, target_prompts, target_sources, latents, s: P2PSettings):
+    return p2p_generate(
+        pipe, source_prompt, target_prompts, target_sources, latents,
+        steps=s.steps, guidance_scale=s.guidance_scale, cross_replace=s.cross_replace,
+        self_replace=s.self_replace, edit=s.edit, local_blend_words=s.local_blend_words,
+        blend_threshold=s.blend_threshold, self_replace_max_tokens=s.self_replace_max_tokens,
     )
 
 
 def p2p_edit_many(
     pipe,
     edits: Sequence[tuple[str, str, int]],
-    steps: int = 75,
-    guidance_scale: float = 4.0,
-    cross_replace: float = 0.5,
-    self_replace: float = 0.2,
-    edit: str = "refine",
-    local_blend_words: Sequence[str] | None = None,
-    *,
-    blend_threshold: float = 0.3,
-    self_replace_max_tokens: int = 256,
-    image_size: int | None = None,
+    settings: P2PSettings | None = None,
+    **overrides,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(source prompt, target prompt, seed)`` edits of any number of reports in ONE batched run.
 
     Each distinct (source prompt, seed) gets one source generation, shared by its targets; returns
-    ``(source image, target image)`` per edit, in order. A result depends only on its own prompts
-    and seed (up to float rounding), so batching the IntraAug variants of many studies together
-    (one UNet call per step for all of them) changes nothing but the speed.
+    ``(source image, target image)`` per edit, in order, float32 HxW in [0, 1]. A result depends
+    only on its own prompts and seed (up to float rounding), so batching the IntraAug variants of
+    many studies together (one UNet call per step for all of them) changes nothing but the speed.
+    ``overrides`` are ``P2PSettings`` fields (``steps=10``) applied over ``settings``.
     """
+    s = _settings(settings, overrides)
     keys = list(dict.fromkeys((src, int(seed)) for src, _, seed in edits))
     if not keys:
         return []
     source_of = {key: i for i, key in enumerate(keys)}
-    latents = torch.cat([seed_latent(pipe, seed, image_size=image_size) for _, seed in keys])
+    latents = torch.cat([seed_latent(pipe, seed, image_size=s.image_size) for _, seed in keys])
     target_sources = [source_of[(src, int(seed))] for src, _, seed in edits]
-    sources, targets = p2p_generate(
-        pipe, [src for src, _ in keys], [tgt for _, tgt, _ in edits], target_sources, latents,
-        steps=steps, guidance_scale=guidance_scale, cross_replace=cross_replace,
-        self_replace=self_replace, edit=edit, local_blend_words=local_blend_words,
-        blend_threshold=blend_threshold, self_replace_max_tokens=self_replace_max_tokens,
-    )
+    sources, targets = _core(pipe, [src for src, _ in keys], [tgt for _, tgt, _ in edits],
+                             target_sources, latents, s)
     return [(sources[j], targets[i]) for i, j in enumerate(target_sources)]
+
+
+def p2p_edit_variants(pipe, source_prompt: str, variants: Sequence[tuple[str, int]],
+                      settings: P2PSettings | None = None, **overrides) -> list[tuple[np.ndarray, np.ndarray]]:
+    """IntraAug: N variants ``(target prompt, seed)`` of one report in one batched run
+    (``p2p_edit_many`` with one source prompt); ``(source image, target image)`` per variant."""
+    return p2p_edit_many(pipe, [(source_prompt, prompt, seed) for prompt, seed in variants],
+                         settings, **overrides)
+
+
+def p2p_edit(pipe, source_prompt: str, target_prompts: Sequence[str], settings: P2PSettings | None = None,
+             *, seed: int = 0, generator: torch.Generator | None = None,
+             latents: torch.Tensor | None = None, **overrides) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Edit one source generation into every target prompt; all targets share ONE initial latent.
+
+    The latent comes from ``latents`` ([1, C, h, w]) if given, else ``generator``, else ``seed``.
+    Returns (source image, [target image per prompt]), float32 HxW in [0, 1].
+    """
+    s = _settings(settings, overrides)
+    if latents is None:
+        latents = seed_latent(pipe, seed, generator, s.image_size)
+    if latents.ndim == 3:
+        latents = latents[None]
+    if latents.shape[0] != 1:
+        raise ValueError("p2p_edit takes one shared latent [1, C, h, w]; use p2p_edit_many for several")
+    sources, targets = _core(pipe, source_prompt, target_prompts, [0] * len(target_prompts), latents, s)
+    return sources[0], list(targets)

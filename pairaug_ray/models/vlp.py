@@ -34,13 +34,14 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlparse
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from pairaug_ray.models.uri import is_tiny, parse_tiny_uri
 
 MAX_LOGIT_SCALE = math.log(100.0)
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -172,7 +173,9 @@ def _tower_config_dict(tower: nn.Module) -> dict[str, Any]:
     return d
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """A tower's last hidden state [B, T, D] -> [B, D]: the first token ("cls") or the mean over
+    the tokens that ``mask`` [B, T] marks (all tokens when None)."""
     if mode == "cls":
         return hidden[:, 0]
     if mask is None:
@@ -248,7 +251,7 @@ class VLPModel(nn.Module):
         if getattr(self.vision.config, "image_size", x.shape[-1]) != x.shape[-1]:
             kwargs["interpolate_pos_encoding"] = True
         out = self.vision(pixel_values=x, **kwargs)
-        pooled = _pool(out.last_hidden_state, None, self.config.image_pooling)
+        pooled = pool_hidden(out.last_hidden_state, None, self.config.image_pooling)
         return F.normalize(self.image_projection(pooled), dim=-1)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -261,7 +264,7 @@ class VLPModel(nn.Module):
         """Report texts -> L2-normalized embeddings [B, embed_dim]."""
         enc = self.tokenize(texts)
         out = self.text(**enc)
-        pooled = _pool(out.last_hidden_state, enc["attention_mask"], self.config.text_pooling)
+        pooled = pool_hidden(out.last_hidden_state, enc["attention_mask"], self.config.text_pooling)
         return F.normalize(self.text_projection(pooled), dim=-1)
 
     def scale(self) -> torch.Tensor:
@@ -351,14 +354,9 @@ def load_vlp(uri: str | Path, device: str | torch.device = "cpu") -> VLPModel:
     """Load a saved folder, or build `tiny://vlp?seed=N[&embed_dim=D&image_size=S]`
     / `tiny://vlp-minilm?seed=N` (tiny ViT + pretrained MiniLM text tower). Returns eval mode."""
     uri = str(uri)
-    if uri.startswith("tiny://"):
-        parsed = urlparse(uri)
-        q = {k: int(v[0]) for k, v in parse_qs(parsed.query).items()}
-        kwargs = {k: q[k] for k in ("seed", "embed_dim", "image_size") if k in q}
-        builders = {"vlp": tiny_vlp, "vlp-minilm": minilm_vlp}
-        if parsed.netloc not in builders:
-            raise ValueError(f"unknown tiny model {parsed.netloc!r}; known: {sorted(builders)}")
-        return builders[parsed.netloc](**kwargs).to(device)
+    if is_tiny(uri):
+        kind, kwargs = parse_tiny_uri(uri, kinds=("vlp", "vlp-minilm"))
+        return {"vlp": tiny_vlp, "vlp-minilm": minilm_vlp}[kind](**kwargs).to(device)
 
     from safetensors.torch import load_file
     from transformers import AutoTokenizer

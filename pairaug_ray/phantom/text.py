@@ -14,18 +14,11 @@ import numpy as np
 
 from pairaug_ray.labeler import NEGATIVE, POSITIVE, UNCERTAIN, Finding
 from pairaug_ray.phantom.anatomy import _DEVICE_WORDS, _rng
+from pairaug_ray.vocab import GRADED, SIDES
 
 # ------------------------------------------------------------------------------------------------
 # Reports from templates
 
-_LATERAL = {  # which observations take a side in reports, and which sides
-    "Pleural Effusion": ("right", "left", "bilateral"), "Pneumothorax": ("right", "left"),
-    "Consolidation": ("right", "left"), "Pneumonia": ("right", "left"), "Lung Opacity": ("right", "left"),
-    "Atelectasis": ("right", "left", "bilateral"), "Lung Lesion": ("right", "left"),
-    "Pleural Other": ("right", "left"), "Fracture": ("right", "left"),
-}
-_GRADED = {"Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Edema", "Atelectasis", "Lung Opacity",
-           "Enlarged Cardiomediastinum", "Lung Lesion"}
 # Rough MIMIC-CXR prevalences, used to sample positives.
 _PREVALENCE = {
     "Support Devices": 0.2, "Pleural Effusion": 0.2, "Atelectasis": 0.18, "Cardiomegaly": 0.18,
@@ -78,7 +71,8 @@ def _noun_phrase(obs: str, f: Finding, d: np.random.Generator) -> str:
         return f"{sev_adj} {where} atelectasis".strip()
     if obs in ("Consolidation", "Pneumonia"):
         lobe = str(d.choice(_LOBES[side]))
-        return f"{side} {lobe} lobe {obs.lower()}"
+        grade = f"{sev_adj} " if obs in GRADED else ""  # the renderer draws the graded extent
+        return f"{grade}{side} {lobe} lobe {obs.lower()}".strip()
     if obs == "Lung Opacity":
         zone = str(d.choice(["mid", "lower", "upper"]))
         return f"{sev_adj} hazy opacity in the {side} {zone} lung".replace("  ", " ").strip()
@@ -128,10 +122,10 @@ def sample_findings(rng: np.random.Generator) -> dict[str, Finding]:
     negs = [o for o in ("Pleural Effusion", "Pneumothorax", "Consolidation", "Cardiomegaly", "Edema",
                         "Lung Lesion", "Fracture") if o not in pos and o not in unc and rng.random() < 0.5]
     for o in pos + unc:
-        sides = _LATERAL.get(o)
+        sides = SIDES.get(o)
         out[o] = Finding(o, POSITIVE if o in pos else UNCERTAIN,
                          str(rng.choice(sides)) if sides else None,
-                         str(rng.choice(["mild", "moderate", "severe"], p=[0.45, 0.35, 0.2])) if o in _GRADED else None)
+                         str(rng.choice(["mild", "moderate", "severe"], p=[0.45, 0.35, 0.2])) if o in GRADED else None)
     if not out and not negs:
         negs = ["Pleural Effusion"]
     for o in negs:
@@ -193,7 +187,7 @@ def _evolve(prev: dict[str, Finding], rng: np.random.Generator) -> dict[str, Fin
             if o == "Support Devices":
                 if r < 0.75:
                     out[o] = f
-            elif o in _GRADED and r < 0.35:
+            elif o in GRADED and r < 0.35:
                 k = int(np.clip(grades.index(f.severity or "moderate") + rng.choice([-1, 1]), 0, 2))
                 out[o] = replace(f, severity=grades[k])
             elif r < 0.55:
@@ -208,9 +202,9 @@ def _evolve(prev: dict[str, Finding], rng: np.random.Generator) -> dict[str, Fin
         new = str(rng.choice(["Support Devices", "Pleural Effusion", "Atelectasis", "Edema", "Pneumothorax",
                               "Consolidation", "Lung Opacity"]))
         if out.get(new) is None or out[new].state != POSITIVE:
-            sides = _LATERAL.get(new)
+            sides = SIDES.get(new)
             out[new] = Finding(new, POSITIVE, str(rng.choice(sides)) if sides else None,
-                               "mild" if new in _GRADED else None)
+                               "mild" if new in GRADED else None)
     if not out:
         out["Pleural Effusion"] = Finding("Pleural Effusion", NEGATIVE, None, None)
     return _with_no_finding(out)

@@ -23,6 +23,8 @@ returns the wrong number of entries is a bug and raises.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import traceback
@@ -169,3 +171,34 @@ def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
 
 def is_error(batch: pd.DataFrame) -> np.ndarray:
     return (batch["status"] == STATUS_ERROR).to_numpy() if "status" in batch else np.zeros(len(batch), bool)
+
+
+# Settings that change where and how fast a stage runs, not what it outputs: they do not enter
+# the output fingerprint, so re-running with another pool size or timeout keeps the pair ids.
+RESOURCE_FIELDS = {"batch_size", "min_actors", "max_actors", "num_cpus", "num_gpus",
+                   "accelerator_type", "resources", "device", "dtype", "request_timeout_s",
+                   "concurrency", "max_retries", "backoff_s", "backoff_max_s", "api_key_env",
+                   "max_variants_per_call", "retry_max_actors", "max_concurrent_batches",
+                   "helper_num_cpus", "log_engine_metrics"}
+
+
+def fingerprint(model: BaseModel, exclude: set[str] | None = None) -> str:
+    """A short stable hash of what determines the outputs (resources and paths excluded by caller)."""
+    blob = json.dumps(model.model_dump(mode="json", exclude=exclude), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def output_fingerprint(*stage_configs: BaseModel) -> str:
+    """Hash of the stage settings that change outputs; pool sizes and devices do not count.
+
+    A config with a ``fingerprint_dump()`` method (e.g. ``RewriteConfig``: only the selected
+    backend's options) is hashed through it.
+    """
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in RESOURCE_FIELDS}
+        return node
+
+    parts = [strip(cfg.fingerprint_dump() if hasattr(cfg, "fingerprint_dump") else cfg.model_dump(mode="json"))
+             for cfg in stage_configs]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]

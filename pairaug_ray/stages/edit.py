@@ -25,10 +25,9 @@ import torch
 from pydantic import Field
 
 from pairaug_ray.io.dicom import encode_png
-from pairaug_ray.models.diffusion import load_sd_pipeline
-from pairaug_ray.models.p2p import p2p_edit_many
+from pairaug_ray.models.diffusion import load_sd_pipeline, truncate_prompt
+from pairaug_ray.models.p2p import P2PSettings, p2p_edit_many
 from pairaug_ray.stages.base import RowStage, StageConfig, StageError
-from pairaug_ray.stages.generate import truncate_prompt
 
 BRANCH = "intra"
 
@@ -51,6 +50,14 @@ class EditConfig(StageConfig):
     dtype: str = Field("auto", description='"auto" = float16 on cuda, float32 on cpu')
 
 
+def p2p_settings(cfg: EditConfig) -> P2PSettings:
+    """The prompt-to-prompt settings of an edit stage config (shared with the benchmarks)."""
+    return P2PSettings(steps=cfg.steps, guidance_scale=cfg.guidance_scale, cross_replace=cfg.cross_replace,
+                       self_replace=cfg.self_replace, edit=cfg.edit,
+                       local_blend_words=tuple(cfg.blend_words) or None, blend_threshold=cfg.blend_threshold,
+                       self_replace_max_tokens=cfg.self_replace_max_tokens, image_size=cfg.image_size)
+
+
 def _seed_of(row: dict) -> int | None:
     seed = row.get("seed")
     if seed is None or isinstance(seed, float) and not np.isfinite(seed):
@@ -68,6 +75,7 @@ class EditStage(RowStage):
         if device == "auto":
             device = "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.pipe = load_sd_pipeline(config.model, device=device, dtype=config.dtype)
+        self.settings = p2p_settings(config)
 
     def _prompt(self, text: str) -> str:
         return truncate_prompt(self.pipe.tokenizer, text)
@@ -83,19 +91,8 @@ class EditStage(RowStage):
         out: list[tuple[np.ndarray, np.ndarray]] = []
         for start in range(0, len(edits), cfg.max_variants_per_call):
             chunk = edits[start : start + cfg.max_variants_per_call]
-            out += p2p_edit_many(
-                self.pipe,
-                [(prompt(report), prompt(text), seed) for report, text, seed in chunk],
-                steps=cfg.steps,
-                guidance_scale=cfg.guidance_scale,
-                cross_replace=cfg.cross_replace,
-                self_replace=cfg.self_replace,
-                edit=cfg.edit,
-                local_blend_words=cfg.blend_words or None,
-                blend_threshold=cfg.blend_threshold,
-                self_replace_max_tokens=cfg.self_replace_max_tokens,
-                image_size=cfg.image_size,
-            )
+            out += p2p_edit_many(self.pipe, [(prompt(report), prompt(text), seed) for report, text, seed in chunk],
+                                 self.settings)
         return out
 
     def process(self, rows: list[dict]) -> list:

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from pairaug_ray.io.dicom import encode_png
-from pairaug_ray.models.diffusion import load_sd_pipeline, to_grayscale
+from pairaug_ray.models.diffusion import load_sd_pipeline, to_grayscale, truncate_prompt  # noqa: F401
 from pairaug_ray.stages.base import RowStage, StageConfig, StageError
 
 BRANCH = "inter"
@@ -35,21 +35,6 @@ class GenerateConfig(StageConfig):
     png_bits: int = Field(16, description="8 or 16")
     device: str = Field("auto", description='"auto" = cuda when the stage has GPUs, else cpu')
     dtype: str = Field("auto", description='"auto" = float16 on cuda, float32 on cpu')
-
-
-def truncate_prompt(tokenizer, text: str, max_words: int | None = None) -> str:
-    """``text`` cut (at a word boundary when possible) to fit the text encoder's context."""
-    text = " ".join(text.split()[:max_words] if max_words else text.split())
-    limit = tokenizer.model_max_length - 2  # room for the start and end tokens
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if len(enc["input_ids"]) <= limit:
-        return text
-    cut = enc["offset_mapping"][limit][0]
-    head = text[:cut]
-    if cut > 0 and not text[cut - 1].isspace() and not text[cut].isspace():
-        # the cut falls inside a word: drop the partial word when there is a whole one before it
-        head = head.rsplit(" ", 1)[0] if " " in head else head
-    return head.rstrip()
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -28,8 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-SCORE_COLUMNS = ("score_align", "score_delta", "score_img")
-_SHORT = {"score_align": "align", "score_delta": "delta", "score_img": "img"}
+from pairaug_ray.vocab import INTRA, SCORE_COLUMNS, SCORE_SHORT, normalize_branches
+
+_SHORT = SCORE_SHORT
 
 
 class PruneConfig(BaseModel):
@@ -54,17 +55,10 @@ def intra_keep(scores: dict[str, Any], means: dict[str, float], margin: float = 
     return bool(keep) if keep.ndim == 0 else keep
 
 
-def _branch_kind(values) -> np.ndarray:
-    """'inter' / 'intra' / '' per row ("InterAug", "intra_aug", ... are accepted)."""
-    lowered = pd.Series(values, dtype="object").fillna("").astype(str).str.lower()
-    return np.where(lowered.str.startswith("inter"), "inter",
-                    np.where(lowered.str.startswith("intra"), "intra", ""))
-
-
 def _intra_score_table(table: pa.Table) -> pa.Table:
     """The IntraAug, non-error rows of `table`, score columns only, NaN turned into null."""
     branch = pc.utf8_lower(pc.fill_null(table["branch"].cast(pa.string()), ""))
-    mask = pc.starts_with(branch, "intra")
+    mask = pc.starts_with(branch, INTRA)  # normalize_branch, in Arrow
     if "status" in table.column_names:
         mask = pc.and_(mask, pc.not_equal(pc.fill_null(table["status"].cast(pa.string()), ""), "error"))
     selected = table.filter(mask)
@@ -128,7 +122,7 @@ def apply_prune(batch, means: dict[str, Any] | None, cfg: PruneConfig):
     as_dict = not isinstance(batch, pd.DataFrame)
     frame = pd.DataFrame(batch) if as_dict else batch.copy()
     n = len(frame)
-    kind = _branch_kind(frame["branch"]) if "branch" in frame else np.full(n, "", dtype=object)
+    kind = normalize_branches(frame["branch"]) if "branch" in frame else np.full(n, "", dtype=object)
     scores = {col: (pd.to_numeric(frame[col], errors="coerce").to_numpy(np.float64)
                     if col in frame else np.full(n, np.nan)) for col in SCORE_COLUMNS}
     is_error = (frame["status"].astype(str) == "error").to_numpy() if "status" in frame \

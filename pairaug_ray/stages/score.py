@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from pairaug_ray.stages.base import RowStage, StageConfig, StageError
+from pairaug_ray.vocab import INTER, INTRA, SCORE_COLUMNS, normalize_branch  # noqa: F401 (re-exported)
 
-BRANCH_INTER = "inter"
-BRANCH_INTRA = "intra"
-SCORE_COLUMNS = ("score_align", "score_delta", "score_img")
+BRANCH_INTER, BRANCH_INTRA = INTER, INTRA
 
 
 class ScoreConfig(StageConfig):
@@ -47,11 +46,9 @@ class ScoreConfig(StageConfig):
 
 def branch_of(row: dict) -> str:
     """Normalize the branch name: "inter"/"InterAug" → "inter", "intra"/"IntraAug" → "intra"."""
-    raw = str(row.get("branch") or "").lower()
-    if raw.startswith("inter"):
-        return BRANCH_INTER
-    if raw.startswith("intra"):
-        return BRANCH_INTRA
+    branch = normalize_branch(row.get("branch"))
+    if branch:
+        return branch
     raise StageError("bad_branch", f"unknown branch {row.get('branch')!r}")
 
 

@@ -28,7 +28,6 @@ Usage::
 """
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import tempfile
@@ -39,15 +38,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pairaug_ray.io.store import StorageConfig, Store, filesystem, split_protocol
+from pairaug_ray.vocab import ABLATION_VARIANTS
 
-VARIANTS: dict[str, list[str]] = {
-    "original": ["original"],
-    "inter": ["original", "inter"],
-    "intra": ["original", "intra"],
-    "pairaug": ["original", "inter", "intra"],
-    "text_only": ["original", "text_only"],
-    "image_only": ["original", "image_only"],
-}
+VARIANTS: dict[str, list[str]] = ABLATION_VARIANTS
 VARIANT_LABELS = {
     "original": "(a) original", "inter": "(b) + InterAug", "intra": "(c) + IntraAug",
     "pairaug": "(d) + both (PairAug)", "text_only": "(e) text-only aug.", "image_only": "(f) image-only aug.",
@@ -246,67 +239,3 @@ def run_ablate(cfg: AblateConfig, storage: StorageConfig | None = None) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-CLI_ARGUMENTS = """\
-pairaug ablate [--config FILE] [--studies DIR] [--pairs DIR] [--out DIR] [--steps N]
-               [--variants original,inter,intra,pairaug,text_only,image_only]
-               [--fractions 0.01,0.1,1.0] [--finetune-mode linear|full] [--finetune-steps N]
-               [--split test] [--batch-size N] [--bootstrap N] [ablate.key=value ...]"""
-
-
-def add_ablate_args(parser) -> None:
-    """The arguments of `pairaug ablate` (the lead's parser also adds --config and overrides)."""
-    parser.add_argument("--studies", help="ingest output folder (studies/)")
-    parser.add_argument("--pairs", help="augment output folder (pairs/)")
-    parser.add_argument("--out", help="output folder (local or s3://)")
-    parser.add_argument("--steps", type=int, help="VLP step budget per variant")
-    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--fractions", help="label fractions for fine-tuning, e.g. 0.01,0.1,1.0 ('' = none)")
-    parser.add_argument("--finetune-mode", choices=["linear", "full"])
-    parser.add_argument("--finetune-steps", type=int)
-    parser.add_argument("--split", help="evaluation split(s), e.g. test or validate,test")
-    parser.add_argument("--batch-size", type=int, help="VLP global batch size")
-    parser.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs")
-
-
-def cmd_ablate(args) -> int:
-    """`pairaug ablate`: ``args.config`` is the loaded PairAugConfig (an ``ablate`` section is used
-    when present); the flags of `add_ablate_args` override it. Prints one JSON line."""
-    from pairaug_ray.pipeline import init_ray
-
-    cfg = args.config
-    base = getattr(cfg, "ablate", None) or AblateConfig()
-    updates: dict[str, Any] = {}
-    for key in ("studies", "pairs", "out", "steps", "finetune_mode", "finetune_steps", "split",
-                "batch_size", "bootstrap"):
-        value = getattr(args, key, None)
-        if value is not None:
-            updates[key] = value
-    if getattr(args, "variants", None):
-        updates["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if getattr(args, "fractions", None) is not None:
-        updates["fractions"] = [float(f) for f in args.fractions.split(",") if f.strip()]
-    acfg = AblateConfig.model_validate({**base.model_dump(), **updates})
-    init_ray(cfg.ray)
-    res = run_ablate(acfg, cfg.storage)
-    print(json.dumps({"out": acfg.out, "files": res["files"], "seconds": res["seconds"],
-                      "variants": {v: {"zeroshot_mean_auc": m["zeroshot"]["mean_auc"],
-                                       "finetune_mean_auc": {f"{r['fraction']:g}": r["mean_auc"]
-                                                             for r in m["finetune"]}}
-                                   for v, m in res["models"].items()}}, default=str))
-    return 0
-
-
-if __name__ == "__main__":  # python -m pairaug_ray.train.ablate --studies ... [section.key=value ...]
-    import argparse
-    import sys
-
-    from pairaug_ray.config import load_config
-
-    ap = argparse.ArgumentParser(prog="python -m pairaug_ray.train.ablate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="YAML config file")
-    add_ablate_args(ap)
-    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides (ray, storage)")
-    ns = ap.parse_args()
-    ns.config = load_config(ns.config, ns.overrides)
-    sys.exit(cmd_ablate(ns))

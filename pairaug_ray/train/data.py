@@ -43,10 +43,11 @@ import torch.nn.functional as F
 
 from pairaug_ray import schema as S
 from pairaug_ray.io.store import StorageConfig, Store
+from pairaug_ray.vocab import TRAIN_SOURCES
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("original", "inter", "intra", "text_only", "image_only")
+SOURCES = TRAIN_SOURCES
 ITEM_SCHEMA = pa.schema([
     ("item_id", pa.string()),          # row id of the study or pair it came from (+ source)
     ("source", pa.string()),

@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import io
-import json
 import time
 from typing import Literal, Sequence
 
@@ -255,58 +254,3 @@ def run_evaluate(models: str | Sequence[str], studies: str, out: str, *, split: 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-CLI_ARGUMENTS = """\
-pairaug evaluate [--config FILE] [--model NAME=URI ...] [--studies DIR|CSV] [--out DIR]
-                 [--split test] [--classes A,B] [--templates SPEC] [--bootstrap N]
-                 [--finetune 0.01,0.1,1.0] [--finetune-mode linear|full] [--finetune-steps N]
-                 [evaluate.key=value ...]"""
-
-
-def add_evaluate_args(parser) -> None:
-    """The arguments of `pairaug evaluate` (the lead's parser also adds --config and overrides)."""
-    parser.add_argument("--model", action="append", dest="models", metavar="NAME=URI",
-                        help="a VLP folder or tiny:// uri, optionally NAME=; repeat to compare")
-    parser.add_argument("--studies", help="ingest folder (studies/) or a CheXpert-style CSV")
-    parser.add_argument("--out", help="output folder (local or s3://)")
-    parser.add_argument("--split", help="split to evaluate on (default test; 'all' = every row)")
-    parser.add_argument("--classes", help="comma-separated observations (default: all 14)")
-    parser.add_argument("--templates", help="'pos {}|neg {};...' or 'ensemble' (default '{}|no {}')")
-    parser.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CI (default 200)")
-    parser.add_argument("--finetune", help="also fine-tune on these label fractions, e.g. 0.01,0.1,1.0")
-    parser.add_argument("--finetune-mode", choices=["linear", "full"])
-    parser.add_argument("--finetune-steps", type=int)
-
-
-def _csv(value: str | None, cast=str) -> list | None:
-    return None if value is None else [cast(v.strip()) for v in value.split(",") if v.strip()]
-
-
-def cmd_evaluate(args) -> int:
-    """`pairaug evaluate`: ``args.config`` is the loaded PairAugConfig (an ``evaluate`` section is
-    used when present); the flags of `add_evaluate_args` override it. Prints one JSON line."""
-    from pairaug_ray.pipeline import init_ray
-
-    cfg = args.config
-    base = getattr(cfg, "evaluate", None) or EvaluateConfig()
-    updates = {k: v for k, v in {
-        "models": getattr(args, "models", None), "studies": getattr(args, "studies", None),
-        "out": getattr(args, "out", None), "split": getattr(args, "split", None),
-        "classes": _csv(getattr(args, "classes", None)), "templates": getattr(args, "templates", None),
-        "bootstrap": getattr(args, "bootstrap", None),
-        "finetune_fractions": _csv(getattr(args, "finetune", None), float),
-        "finetune_mode": getattr(args, "finetune_mode", None),
-        "finetune_steps": getattr(args, "finetune_steps", None)}.items() if v is not None}
-    ecfg = EvaluateConfig.model_validate({**base.model_dump(), **updates})
-    if ecfg.finetune_fractions:
-        init_ray(cfg.ray)
-    fields = ecfg.model_dump()
-    models, studies, out = fields.pop("models"), fields.pop("studies"), fields.pop("out")
-    res = run_evaluate(models, studies, out, storage=cfg.storage, **fields)
-    summary = {"out": out, "files": res["files"], "seconds": res["seconds"],
-               "models": {n: {"zeroshot_mean_auc": m["zeroshot"]["mean_auc"],
-                              **({"finetune_mean_auc": {f"{r['fraction']:g}": r["mean_auc"]
-                                                        for r in m["finetune"]}} if "finetune" in m else {})}
-                          for n, m in res["models"].items()}}
-    print(json.dumps(summary, default=str))
-    return 0

@@ -112,14 +112,14 @@ class ImageClassifier(nn.Module):
         return self.head.weight.device
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        from pairaug_ray.models.vlp import VLPModel, _pool
+        from pairaug_ray.models.vlp import VLPModel, pool_hidden
 
         x = VLPModel.preprocess(self, pixels)
         kwargs = {}
         if getattr(self.vision.config, "image_size", x.shape[-1]) != x.shape[-1]:
             kwargs["interpolate_pos_encoding"] = True
         hidden = self.vision(pixel_values=x, **kwargs).last_hidden_state
-        return self.image_projection(_pool(hidden, None, self.config.image_pooling))
+        return self.image_projection(pool_hidden(hidden, None, self.config.image_pooling))
 
     def classify(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head((feats - self.feat_mean) / self.feat_std)

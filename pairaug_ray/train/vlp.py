@@ -402,35 +402,3 @@ def read_metrics(run_uri: str, storage: StorageConfig | None = None) -> list[dic
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
-
-CLI_ARGUMENTS = """\
-pairaug train [--config FILE] [--studies DIR] [--pairs DIR] [--mix original,inter,...]
-              [--out DIR] [--name NAME] [--steps N] [section.key=value ...]"""
-
-
-def add_train_arguments(parser) -> None:
-    """The `pairaug train` arguments (for cli.py's subparser; `--config` comes from cli.py)."""
-    parser.add_argument("--studies", help="an ingest output folder (local or s3://) with studies/")
-    parser.add_argument("--pairs", help="an augment output folder with pairs/ (kept pairs)")
-    parser.add_argument("--mix", help=f"comma-separated training sources, any of {','.join(SOURCES)}")
-    parser.add_argument("--out", help="run storage folder (local or s3://)")
-    parser.add_argument("--name", help="run name; re-running with the same --out and --name resumes")
-    parser.add_argument("--steps", type=int, help="training steps")
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides (train.lr=1e-3)")
-
-
-def cmd_train(args) -> int:
-    """`pairaug train`: the flags become ``train.*`` overrides of the PairAugConfig loaded from
-    ``args.config`` (YAML, optional) + ``args.overrides``; prints the result as one JSON line."""
-    from pairaug_ray.config import load_config
-    from pairaug_ray.pipeline import init_ray
-
-    extra = [f"train.{key}={getattr(args, key)}" for key in ("studies", "pairs", "out", "name", "steps")
-             if getattr(args, key, None) is not None]
-    if getattr(args, "mix", None):
-        extra.append("train.mix=[" + ",".join(m.strip() for m in args.mix.split(",") if m.strip()) + "]")
-    cfg = load_config(getattr(args, "config", None), extra + list(getattr(args, "overrides", None) or []))
-    init_ray(cfg.ray)
-    print(json.dumps(train_vlp(cfg.train, cfg.storage), default=str))
-    return 0

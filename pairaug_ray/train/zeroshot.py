@@ -289,10 +289,3 @@ def parse_templates(spec: str | None) -> list[tuple[str, str]] | None:
             raise ValueError(f"template {part!r} needs 'positive {{}}|negative {{}}'")
         out.append((pos.strip(), neg.strip()))
     return out
-
-
-if __name__ == "__main__":  # python -m pairaug_ray.train.zeroshot MODEL STUDIES [SPLIT]
-    import sys
-
-    r = zeroshot_eval(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "test")
-    print(json.dumps({k: v for k, v in r.items() if k != "classes"}, default=str))

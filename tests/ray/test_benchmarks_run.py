@@ -15,7 +15,9 @@ sys.path.insert(0, REPO)
 # Imported before any capsys test: pipeline.Progress binds sys.stderr when the module loads.
 import pairaug_ray.pipeline  # noqa: E402,F401
 from benchmarks import memory_scaling, pipeline_throughput, scaling_table  # noqa: E402
-from pairaug_ray.estimate import estimate, load_with_estimate, main as estimate_main  # noqa: E402
+from pairaug_ray.cli import main as cli_main  # noqa: E402
+from pairaug_ray.config import load_with_estimate  # noqa: E402
+from pairaug_ray.estimate import estimate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -74,13 +76,13 @@ def test_estimate_from_config_rates(tmp_path, capsys):
     # generate needs 1 actor at 1 row/s for 3600 rows: 1 h, under the edit's 1.25 h
     assert result["stages"]["generate"]["balanced_actors"] == 1
     assert result["stages"]["edit"]["balanced_actors"] == 4
-    assert estimate_main(["--config", str(cfg_path), "--studies", "7200"]) == 0
+    assert cli_main(["estimate", "--config", str(cfg_path), "--studies", "7200"]) == 0
     assert "bottleneck: edit" in capsys.readouterr().out
 
 
 def test_estimate_measures_a_sample(capsys):
     demo = os.path.join(REPO, "jobs", "configs", "demo.yaml")
-    assert estimate_main(["--config", demo, "--studies", "1000", "--measure-sample", "2", "--json",
+    assert cli_main(["estimate", "--config", demo, "--studies", "1000", "--measure-sample", "2", "--json",
                           *TINY]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["rates_from"] == "measured"

@@ -16,7 +16,8 @@ from pairaug_ray.config import load_config
 from pairaug_ray.io.store import Store
 from pairaug_ray.pipeline import run_ingest
 from pairaug_ray.schema import PAIR_SCHEMA, PAIRS_DIR
-from pairaug_ray.train.ablate import VARIANTS, AblateConfig, add_ablate_args, cmd_ablate
+from pairaug_ray.cli import add_ablate_args, cmd_ablate
+from pairaug_ray.train.ablate import VARIANTS, AblateConfig
 from pairaug_ray.train.data import load_items
 from pairaug_ray.train.evaluate import run_evaluate
 from pairaug_ray.train.finetune import finetune, sample_patients

@@ -14,7 +14,8 @@ from pairaug_ray.llm.tiny import (
     META_FILE, build_tiny_llm, folder_digest, parse_tiny_uri, resolve_model, tiny_llm_path,
 )
 from pairaug_ray.stages.base import StageError
-from pairaug_ray.stages.rewrite import RewriteConfig, RewriteRequest, RewriteStage, validate_rewrite
+from pairaug_ray.llm.validation import validate_rewrite
+from pairaug_ray.stages.rewrite import RewriteConfig, RewriteRequest, RewriteStage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

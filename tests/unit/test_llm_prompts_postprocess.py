@@ -9,7 +9,8 @@ import pytest
 from pairaug_ray.llm.postprocess import cut_to_words, is_report_text, postprocess, strip_chatter
 from pairaug_ray.llm.prompts import BUILTIN_PROMPTS, PromptLibrary, build_messages, library_for
 from pairaug_ray.stages import rewrite as R
-from pairaug_ray.stages.rewrite import RewriteConfig, RewriteStage, review_rewrite
+from pairaug_ray.llm.validation import review_rewrite
+from pairaug_ray.stages.rewrite import RewriteConfig, RewriteStage
 
 SOURCE = "Small left pleural effusion. No pneumothorax. The heart size is normal."
 

@@ -7,9 +7,9 @@ import pytest
 
 from pairaug_ray.labeler import NEGATIVE, OBSERVATIONS, POSITIVE, label_report
 from pairaug_ray.stages import rewrite as R
-from pairaug_ray.stages.rewrite import (
-    RewriteConfig, RewriteRequest, RewriteStage, RuleRewriter, phrase, validate_rewrite,
-)
+from pairaug_ray.llm.rule import RuleRewriter, phrase
+from pairaug_ray.llm.validation import validate_rewrite
+from pairaug_ray.stages.rewrite import RewriteConfig, RewriteRequest, RewriteStage
 
 REPORTS = [
     "FINDINGS: The heart is mildly enlarged. Small left pleural effusion. No pneumothorax. "

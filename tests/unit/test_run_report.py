@@ -10,7 +10,7 @@ from PIL import Image
 
 from pairaug_ray import schema as S
 from pairaug_ray.io.store import StorageConfig, Store
-from pairaug_ray.report import write_report
+from pairaug_ray.run_report import write_report
 
 
 def png16(seed: int, size: int = 48) -> bytes:
@@ -42,7 +42,7 @@ def cand(src: int, branch: str, variant: int, align, delta=None, img=None, kept=
                 source_image_png=png16(500 + src) if branch == "intra" else None,
                 score_align=align, score_delta=delta, score_img=img, kept=kept,
                 prune_reason=reason, rewrite_backend="rule", rewrite_model="labeler-flip",
-                generator_model="tiny://sd", scorer_model="tiny://clip",
+                generator_model="tiny://sd", score_model="tiny://clip",
                 config_fingerprint="abc123", code_version="0.1.0")
 
 
@@ -96,6 +96,7 @@ def test_report_both_branches(tmp_path):
     assert re.search(r'id="counts-intra"><td>IntraAug</td><td>3</td><td>2</td><td>1</td>', page)
     assert page.count('class="badge pruned"') == 2
     assert "align&lt;mean-m,delta&lt;mean-m" in page
+    assert "tiny://clip" in page  # the scorer is in the provenance table (score_model column)
     # Thresholds: the given InterAug one, IntraAug mean - margin from the candidates.
     assert "<td>0.250</td>" in page
     mean_align = np.mean([0.50, 0.30, 0.45])

@@ -1,9 +1,10 @@
-"""The visual report of an augmentation run: example grids, score histograms, kept/pruned counts.
+"""The visual report of an augmentation run (report.html): example grids, score histograms,
+kept/pruned counts. (Not to be confused with ``io/reports.py``, which reads radiology reports.)
 
 Usage::
 
     from pairaug_ray.io.store import Store
-    from pairaug_ray.report import write_report
+    from pairaug_ray.run_report import write_report
     rel = write_report(Store("s3://bucket/run1"), studies_store=Store("s3://bucket/ingest"))
     # -> "report.html" in the run folder, its PNGs under "report/"
 
@@ -12,6 +13,10 @@ kept ones) and the ``studies`` table the candidates came from. Only the small co
 candidates are read in full; image bytes are read for the shown examples only. Everything is
 written through ``Store.write_bytes``, so the report lands next to the tables on local disk or s3.
 The HTML holds no external CSS or JS; images are relative ``<img src="report/...png">``.
+
+Two steps: :func:`gather` reads the tables into a :class:`ReportData` (rows, means, thresholds,
+counts), then one renderer per section (:func:`render_summary`, :func:`render_scores`,
+:func:`render_examples`) turns it into HTML; :func:`write_report` runs both.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import io
 import math
 import posixpath
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -29,23 +35,20 @@ import pyarrow.parquet as pq
 from pairaug_ray import schema as S
 from pairaug_ray.io.store import Store
 from pairaug_ray.stages import prune as P
+from pairaug_ray.vocab import BRANCH_DESCRIPTIONS, BRANCH_TITLES, BRANCHES as BRANCH_NAMES, SCORE_COLUMNS, SCORE_LABELS, normalize_branch
 
 REPORT_FILE = "report.html"
 REPORT_DIR = "report"
 THUMB_SIZE = 192
 
-BRANCHES = (("inter", "InterAug", "new patient: rewritten report + generated image"),
-            ("intra", "IntraAug", "same patient, changed condition: rewritten report + edited image"))
+BRANCHES = tuple((b, BRANCH_TITLES[b], BRANCH_DESCRIPTIONS[b]) for b in BRANCH_NAMES)
 # Small candidate columns read in full (no image bytes).
 META_COLUMNS = ["pair_id", "branch", "variant", "source_row_id", "study_id", "report",
-                "rewritten_report", "change", *P.SCORE_COLUMNS, "kept", "prune_reason",
-                "rewrite_backend", "rewrite_model", "generator_model", "scorer_model",
+                "rewritten_report", "change", *SCORE_COLUMNS, "kept", "prune_reason",
+                "rewrite_backend", "rewrite_model", "generator_model", "score_model",
                 "config_fingerprint", "code_version"]
-PROVENANCE_COLUMNS = ["rewrite_backend", "rewrite_model", "generator_model", "scorer_model",
+PROVENANCE_COLUMNS = ["rewrite_backend", "rewrite_model", "generator_model", "score_model",
                       "config_fingerprint", "code_version"]
-SCORE_LABELS = {"score_align": "align: cos(new image, new text)",
-                "score_delta": "delta: cos(Δimage, Δtext)",
-                "score_img": "img: cos(new image, source image)"}
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -113,11 +116,6 @@ def _row_count(store: Store | None, table_dir: str) -> int | None:
     return total
 
 
-def _branch_of(value) -> str:
-    v = str(value or "").lower()
-    return "inter" if v.startswith("inter") else "intra" if v.startswith("intra") else ""
-
-
 def _num(value) -> float:
     try:
         x = float(value)
@@ -138,9 +136,9 @@ def _fill_kept(rows: list[dict], pair_ids_kept: set[str] | None, thr: float, mar
             r["kept"] = r["pair_id"] in pair_ids_kept
             r["prune_reason"] = r["prune_reason"] or ("" if r["kept"] else "not in pairs")
         return
-    have_means = all(means.get(c) is not None for c in P.SCORE_COLUMNS)
+    have_means = all(means.get(c) is not None for c in SCORE_COLUMNS)
     frame = {"branch": np.array([r["branch"] for r in missing], dtype=object),
-             **{c: np.array([_num(r[c]) for r in missing], dtype=np.float64) for c in P.SCORE_COLUMNS}}
+             **{c: np.array([_num(r[c]) for r in missing], dtype=np.float64) for c in SCORE_COLUMNS}}
     pruned = P.apply_prune(frame, means if have_means else None,
                            P.PruneConfig(inter_threshold=thr, intra_margin=margin))
     for r, kept, reason in zip(missing, pruned["kept"], pruned["prune_reason"]):
@@ -221,7 +219,7 @@ def _intra_hist(rows: list[dict], means: dict, margin: float) -> bytes:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 3.3), layout="constrained")
-    for i, col in enumerate(P.SCORE_COLUMNS):
+    for i, col in enumerate(SCORE_COLUMNS):
         ax = fig.add_subplot(1, 3, i + 1)
         m = _num(means.get(col))
         _hist(ax, rows, col, [(m, f"mean {m:.4f}", "gray", ":"),
@@ -259,7 +257,7 @@ def _table(header: list[str], rows: list[list], cls: str = "t", row_ids: list[st
 
 def _score_html(row: dict, branch: str, thr: float, margin: float, means: dict) -> str:
     parts = []
-    for col in P.SCORE_COLUMNS:
+    for col in SCORE_COLUMNS:
         x = _num(row[col])
         if branch == "inter":
             cutoff = thr if col == "score_align" else None
@@ -281,19 +279,27 @@ def _badge(row: dict) -> str:
     return f'<span class="badge pruned">pruned</span> <span class="muted">{_e(reason)}</span>'
 
 
-# ---------------------------------------------------------------- the report
+# ---------------------------------------------------------------- gather
 
-def write_report(store: Store, studies_store: Store | None = None, max_examples: int = 6,
-                 inter_threshold: float | None = None, intra_margin: float | None = None,
-                 intra_means: dict | None = None, max_variants: int = 4) -> str:
-    """Write ``report.html`` and ``report/*.png`` into the run folder of `store`; return
-    ``"report.html"`` (relative to the run folder).
+@dataclass
+class ReportData:
+    """What the report shows, read from the run and studies folders."""
 
-    `studies_store` holds the ``studies`` table of the source studies (default: `store`).
-    Thresholds default to stages/prune.py's PruneConfig; `intra_means`
-    ({"score_align": m, "score_delta": m, "score_img": m}) defaults to the means over the
-    IntraAug candidates. `max_variants` caps the candidates shown per branch and source study.
-    """
+    store: Store
+    studies_store: Store
+    table_name: str                     # "candidates" or "pairs": where the rows came from
+    rows: list[dict]                    # META_COLUMNS per candidate, "kept" filled in
+    by_branch: dict[str, list[dict]]
+    thr: float                          # InterAug threshold
+    margin: float                       # IntraAug margin
+    means: dict[str, float | None]      # IntraAug means per score column
+    means_from: str
+    pngs: dict[str, bytes | None] = field(default_factory=dict)   # written under report/
+
+
+def gather(store: Store, studies_store: Store | None = None, inter_threshold: float | None = None,
+           intra_margin: float | None = None, intra_means: dict | None = None) -> ReportData:
+    """Reads the run's candidates (or pairs), fills in kept/pruned, and the IntraAug means."""
     defaults = P.PruneConfig()
     thr = defaults.inter_threshold if inter_threshold is None else float(inter_threshold)
     margin = defaults.intra_margin if intra_margin is None else float(intra_margin)
@@ -306,14 +312,14 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
         cands = _read(store, S.PAIRS_DIR, META_COLUMNS)
     rows = [] if cands is None else cands.to_pylist()
     for r in rows:
-        r["branch"] = _branch_of(r["branch"])
+        r["branch"] = normalize_branch(r["branch"])
     by_branch = {b: [r for r in rows if r["branch"] == b] for b, *_ in BRANCHES}
 
     if intra_means is not None:
-        means = {c: intra_means.get(c) for c in P.SCORE_COLUMNS}
+        means = {c: intra_means.get(c) for c in SCORE_COLUMNS}
         means_from = "given"
     else:
-        means = P.intra_means(cands) if cands is not None else {c: None for c in P.SCORE_COLUMNS}
+        means = P.intra_means(cands) if cands is not None else {c: None for c in SCORE_COLUMNS}
         means_from = f"computed over {len(by_branch['intra'])} IntraAug candidates"
 
     if any(r["kept"] is None for r in rows):
@@ -322,22 +328,24 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
             pairs = _read(store, S.PAIRS_DIR, ["pair_id"])
             kept_ids = None if pairs is None else set(pairs.column("pair_id").to_pylist())
         _fill_kept(rows, kept_ids, thr, margin, means)
+    return ReportData(store, studies_store, table_name, rows, by_branch, thr, margin, means, means_from)
 
-    def put_png(name: str, data: bytes | None) -> str | None:
-        if data is None:
-            return None
-        rel = posixpath.join(REPORT_DIR, name)
-        store.write_bytes(rel, data)
-        return rel
 
-    out: list[str] = []
-    out.append("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>PairAug run report</title>"
-               f"<style>{CSS}</style></head><body>")
-    out.append(f"<h1>PairAug run report</h1><p class=\"muted\">run folder: {_e(store.uri)}<br>"
-               f"studies: {_e(studies_store.uri)} · candidates read from <code>{_e(table_name)}</code></p>")
+def _put_png(data: ReportData, name: str, png: bytes | None) -> str | None:
+    if png is None:
+        return None
+    rel = posixpath.join(REPORT_DIR, name)
+    data.store.write_bytes(rel, png)
+    return rel
 
-    # -- summary: counts, thresholds, quarantine, provenance
-    out.append('<h2 id="summary">Summary</h2>')
+
+# ---------------------------------------------------------------- renderers
+
+def render_summary(data: ReportData) -> str:
+    """Counts per branch, the pruning rules, the quarantine, the provenance."""
+    store, studies_store, by_branch = data.store, data.studies_store, data.by_branch
+    thr, margin, means = data.thr, data.margin, data.means
+    out = ['<h2 id="summary">Summary</h2>']
     n_studies = _row_count(studies_store, S.STUDIES_DIR)
     out.append(f"<p>Source studies in the studies table: {_e('–' if n_studies is None else n_studies)}</p>")
     count_rows, count_ids = [], []
@@ -353,11 +361,11 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
                       count_rows, row_ids=count_ids))
 
     rule_rows = [["InterAug", "score_align", "–", "–", f"{thr:.3f}"]]
-    for col in P.SCORE_COLUMNS:
+    for col in SCORE_COLUMNS:
         m = _num(means.get(col))
         rule_rows.append(["IntraAug", col, _fmt(m, 4), f"{margin:g}",
                           _fmt(m - margin, 4) if math.isfinite(m) else "–"])
-    out.append(f"<p>Pruning rules (keep iff score &gt; cutoff; IntraAug means {_e(means_from)}):</p>")
+    out.append(f"<p>Pruning rules (keep iff score &gt; cutoff; IntraAug means {_e(data.means_from)}):</p>")
     out.append(_table(["branch", "score", "mean", "margin", "cutoff"], rule_rows))
 
     quarantine_parts = []
@@ -383,7 +391,13 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
     if prov_rows:
         out.append("<h3>Provenance</h3>" + _table(["branch", "field", "values"], prov_rows))
 
-    # -- histograms
+    return "".join(out)
+
+
+def render_scores(data: ReportData) -> str:
+    """The score histograms with each branch's cut-offs."""
+    by_branch, thr, margin, means = data.by_branch, data.thr, data.margin, data.means
+    out: list[str] = []
     out.append('<h2 id="scores">Pruning scores</h2>')
     for b, title, _ in BRANCHES:
         out.append(f"<h3>{title}</h3>")
@@ -392,9 +406,16 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
             continue
         png = (_inter_hist(by_branch[b], thr) if b == "inter"
                else _intra_hist(by_branch[b], means, margin))
-        out.append(_img(put_png(f"hist_{b}.png", png), f"{title} score histogram"))
+        out.append(_img(_put_png(data, f"hist_{b}.png", png), f"{title} score histogram"))
 
-    # -- examples: prefer sources with both branches; ids give a stable order
+    return "".join(out)
+
+
+def render_examples(data: ReportData, max_examples: int = 6, max_variants: int = 4) -> str:
+    """Example grids: the source study, then its InterAug and IntraAug candidates."""
+    store, studies_store, rows, by_branch = data.store, data.studies_store, data.rows, data.by_branch
+    thr, margin, means, table_name = data.thr, data.margin, data.means, data.table_name
+    out: list[str] = []
     out.append('<h2 id="examples">Examples</h2>')
     sources: dict[str, set] = {}
     for r in rows:
@@ -428,7 +449,7 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
         out.append(f'<h3 id="example-{i}">Example {i + 1}: study {_e(study_id)} '
                    f'<span class="muted">(row {_e(src)})</span></h3>')
         src_report = (study or {}).get("report") or any_row.get("report") or ""
-        src_img = put_png(f"ex{i}_source.png", _thumbnail((study or {}).get("image_png")))
+        src_img = _put_png(data, f"ex{i}_source.png", _thumbnail((study or {}).get("image_png")))
         view = (study or {}).get("view_position") or ""
         note = "" if study else '<div class="muted">source row not in the studies table</div>'
         out.append('<div class="grid"><div class="card src"><b>original</b> '
@@ -444,12 +465,12 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
                 ref = next((pix.get(r["pair_id"], {}).get("source_image_png") for r in cand_rows
                             if pix.get(r["pair_id"], {}).get("source_image_png")), None)
                 if ref:
-                    ref_img = put_png(f"ex{i}_intra_ref.png", _thumbnail(ref))
+                    ref_img = _put_png(data, f"ex{i}_intra_ref.png", _thumbnail(ref))
                     cards.append('<div class="card src"><b>p2p reference</b>'
                                  f'{_img(ref_img, "p2p reference")}<div class="muted">generation '
                                  'of the source report that the edits start from</div></div>')
             for k, r in enumerate(cand_rows):
-                img = put_png(f"ex{i}_{b}_{k}.png", _thumbnail(pix.get(r["pair_id"], {}).get("image_png")))
+                img = _put_png(data, f"ex{i}_{b}_{k}.png", _thumbnail(pix.get(r["pair_id"], {}).get("image_png")))
                 state = "kept" if r["kept"] else "pruned"
                 change = str(r["change"] or "")
                 change_html = (f'<div class="muted">change: {_e(change[:300])}</div>'
@@ -464,6 +485,29 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
                        f'<span class="muted">{_e(blurb)}</span>{extra}'
                        f'<div class="grid">{"".join(cards)}</div></div>')
 
-    out.append("</body></html>")
-    store.write_bytes(REPORT_FILE, "\n".join(out).encode("utf-8"))
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- the report
+
+def write_report(store: Store, studies_store: Store | None = None, max_examples: int = 6,
+                 inter_threshold: float | None = None, intra_margin: float | None = None,
+                 intra_means: dict | None = None, max_variants: int = 4) -> str:
+    """Write ``report.html`` and ``report/*.png`` into the run folder of `store`; return
+    ``"report.html"`` (relative to the run folder).
+
+    `studies_store` holds the ``studies`` table of the source studies (default: `store`).
+    Thresholds default to stages/prune.py's PruneConfig; `intra_means`
+    ({"score_align": m, "score_delta": m, "score_img": m}) defaults to the means over the
+    IntraAug candidates. `max_variants` caps the candidates shown per branch and source study.
+    """
+    data = gather(store, studies_store, inter_threshold, intra_margin, intra_means)
+    page = ["<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>PairAug run report</title>"
+            f"<style>{CSS}</style></head><body>",
+            f"<h1>PairAug run report</h1><p class=\"muted\">run folder: {_e(store.uri)}<br>"
+            f"studies: {_e(data.studies_store.uri)} · candidates read from "
+            f"<code>{_e(data.table_name)}</code></p>",
+            render_summary(data), render_scores(data), render_examples(data, max_examples, max_variants),
+            "</body></html>"]
+    store.write_bytes(REPORT_FILE, "\n".join(page).encode("utf-8"))
     return REPORT_FILE
