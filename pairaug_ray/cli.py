@@ -11,6 +11,7 @@ Usage::
     pairaug zeroshot runs/train/vlp/model runs/ingest --split test
     pairaug ablate --studies runs/ingest --pairs runs/augment --out runs/ablate --steps 200
     pairaug estimate --config jobs/configs/mimic.yaml --studies 220000
+    pairaug serve --config jobs/configs/demo.yaml serve.port=8000
     pairaug label reports.jsonl > labels.jsonl     # {"id","report"} per line -> labels per line
 
 Every job command takes --config FILE (YAML) and section.key=value overrides anywhere on the
@@ -273,6 +274,23 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- serving
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="HTTP host (default: serve.host)")
+    p.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
+
+
+def cmd_serve(args) -> int:
+    from pairaug_ray.runtime import init_ray
+    from pairaug_ray.serve.app import run_serve
+
+    cfg = args.config
+    init_ray(cfg.ray)
+    run_serve(_with_flags(cfg.serve, host=args.host, port=args.port), blocking=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
@@ -382,6 +400,8 @@ COMMANDS = {
                "image-only, each evaluated zero-shot and fine-tuned", add_ablate_args, cmd_ablate, True, None),
     "estimate": ("expected GPU-hours and wall time per augmentation stage for a study count",
                  add_estimate_args, cmd_estimate, True, None),
+    "serve": ("serve the rewriter, generator, editor and scorer over HTTP with Ray Serve "
+              "(/v1/augment, /v1/chat/completions, /healthz)", add_serve_args, cmd_serve, True, None),
     "label": ("label reports with the CheXpert-style labeler: JSONL {id, report} -> JSONL of labels",
               add_label_args, cmd_label, False, None),
 }

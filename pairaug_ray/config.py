@@ -24,6 +24,7 @@ from pairaug_ray.estimate import EstimateConfig
 from pairaug_ray.io.store import StorageConfig
 from pairaug_ray.pipeline import AugmentConfig, IngestConfig, WritePoolConfig  # noqa: F401
 from pairaug_ray.runtime import RayConfig
+from pairaug_ray.serve.config import ServeConfig
 from pairaug_ray.stages.base import RESOURCE_FIELDS, fingerprint, output_fingerprint  # noqa: F401
 from pairaug_ray.train.ablate import AblateConfig
 from pairaug_ray.train.evaluate import EvaluateConfig
@@ -43,6 +44,7 @@ class PairAugConfig(BaseModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
     estimate: EstimateConfig = Field(default_factory=EstimateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
