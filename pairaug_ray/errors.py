@@ -22,6 +22,7 @@ DECODE_ERROR_CLASSES = (
     "not_an_image",
     "unreadable",
     "bad_image",
+    "for_processing",
 )
 
 

@@ -27,6 +27,7 @@ STUDY_FIELDS = [
     ("view_position", pa.string()),
     ("modality", pa.string()),
     ("bits_stored", pa.int32()),
+    ("presentation_intent", pa.string()),  # DICOM: "FOR PRESENTATION" | "FOR PROCESSING"; else ""
     ("image_png", pa.binary()),       # 16-bit (or 8-bit) grayscale PNG, bright = dense
     ("report", pa.string()),          # readable text: findings + impression
     ("findings_text", pa.string()),

@@ -2,9 +2,16 @@
 
 Pixels come out as float32 in [0, 1] with bright = dense (bone white), resized to keep the aspect
 ratio with the longer side fitted to ``size`` and padded with 0 (air) to a centred square. The only
-header facts that leave this module are the view position, the modality, BitsStored and keyed
-pseudonyms (HMAC-SHA256) of PatientID and StudyInstanceUID. Every failure on bad input is a
-``DecodeError`` whose ``error_class`` is one of ``ERROR_CLASSES``.
+header facts that leave this module are the view position, the modality, BitsStored, the
+presentation intent and keyed pseudonyms (HMAC-SHA256) of PatientID and StudyInstanceUID. Every
+failure on bad input is a ``DecodeError`` whose ``error_class`` is one of ``ERROR_CLASSES``.
+
+The DICOM grayscale pipeline (PS3.4 N.2.1): stored values -> Modality LUT / rescale -> VOI LUT or
+window -> Presentation LUT -> P-values, with pydicom's ``apply_*`` helpers (the Presentation LUT
+Shape by its definition, PS3.3 C.11.6.1.2); Pixel Padding Value (PS3.3 C.7.5.1.1.2) is kept out
+of the range and shown as 0. JPEG baseline/extended/lossless
+(pylibjpeg-libjpeg), JPEG-LS (pyjpegls) and JPEG 2000 (pylibjpeg-openjpeg) decode through
+pydicom's pixel decoders. PNG/JPEG files are turned upright by their EXIF Orientation.
 
 Usage: ``img = decode_any(open("x.dcm", "rb").read(), name="x.dcm", size=512, id_key="secret")``
 """
@@ -23,12 +30,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from PIL import Image
+from PIL import Image, ImageOps
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
+    apply_presentation_lut,
     apply_voi_lut,
     get_decoder,
 )
@@ -62,6 +71,8 @@ _EXPLICIT_VRS = frozenset(
 _CS_VALUE = re.compile(r"^[A-Z0-9 _]{1,16}$")  # the DICOM Code String character set
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+FOR_PROCESSING = "FOR PROCESSING"
+FOR_PRESENTATION = "FOR PRESENTATION"
 
 
 @dataclass
@@ -72,12 +83,13 @@ class DecodedImage:
     modality: str | None        # "CR", "DX", ...
     patient_pid: str | None     # pseudonymize(PatientID)
     study_pid: str | None       # pseudonymize(StudyInstanceUID)
+    presentation_intent: str | None = None  # "FOR PRESENTATION" | "FOR PROCESSING" | None (unsaid)
 
     def __repr__(self) -> str:
         return (f"DecodedImage(pixels={self.pixels.dtype}{list(self.pixels.shape)}, "
                 f"bits_stored={self.bits_stored}, view_position={self.view_position!r}, "
                 f"modality={self.modality!r}, patient_pid={self.patient_pid!r}, "
-                f"study_pid={self.study_pid!r})")
+                f"study_pid={self.study_pid!r}, presentation_intent={self.presentation_intent!r})")
 
 
 def _describe(e: Exception) -> str:
@@ -108,14 +120,24 @@ def pseudonymize(value: str, key: str) -> str:
 # DICOM
 
 
-def decode_dicom(data: bytes, size: int | None = 512, id_key: str = "pairaug") -> DecodedImage:
-    """Decode a DICOM file's first frame and its PHI-free metadata; raises DecodeError."""
+def decode_dicom(data: bytes, size: int | None = 512, id_key: str = "pairaug",
+                 allow_for_processing: bool = False) -> DecodedImage:
+    """Decode a DICOM file's first frame and its PHI-free metadata; raises DecodeError.
+
+    A "For Processing" image (Presentation Intent Type FOR PROCESSING or a "For Processing" SOP
+    class: raw detector data, often linear in exposure, not meant for display; PS3.3 C.8.11.1.1.1)
+    raises ``DecodeError("for_processing")`` unless ``allow_for_processing``; when allowed it is
+    decoded like any other image and ``presentation_intent`` says what it is.
+    """
     _check_size(size)
     try:
         with _quiet_pydicom():
             ds = _read_dataset(data)
             meta = _read_metadata(ds, id_key)
             _check_is_image(ds)
+            if meta["presentation_intent"] == FOR_PROCESSING and not allow_for_processing:
+                raise DecodeError("for_processing", "a 'For Processing' image (raw detector data, "
+                                  "not for display; PS3.3 C.8.11.1.1.1)")
             arr, bits = _first_frame(ds)
             pixels = _to_unit_range(arr, ds)
     except DecodeError:
@@ -125,17 +147,73 @@ def decode_dicom(data: bytes, size: int | None = 512, id_key: str = "pairaug") -
     return DecodedImage(pixels=_fit_square(pixels, size), bits_stored=bits, **meta)
 
 
+# VRs whose explicit-VR element header has 2 reserved bytes and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+
+
+def _elements_parse(data: bytes, implicit: bool, little: bool, want: int = 2) -> bool:
+    """Whether ``data`` starts with ``want`` well-formed data elements in this encoding.
+
+    Well-formed (PS3.5 7.1): an even (standard) group from 0x0002 to 0x7FE0, tags ascending, a
+    known VR (explicit VR), and a value length that ends inside ``data``; an undefined length,
+    which cannot be skipped, ends the walk and is accepted only on SQ/UN/OB/OW elements.
+    """
+    end, pos, last_tag, seen = len(data), 0, -1, 0
+    order = "<" if little else ">"
+    while seen < want:
+        if pos + 8 > end:
+            return False
+        group, element = struct.unpack(order + "HH", data[pos:pos + 4])
+        tag = (group << 16) | element
+        if group % 2 or not 0x0002 <= group <= 0x7FE0 or tag <= last_tag:
+            return False
+        if implicit:
+            (length,) = struct.unpack(order + "I", data[pos + 4:pos + 8])
+            header = 8
+        elif data[pos + 4:pos + 6] not in _EXPLICIT_VRS:
+            return False
+        elif data[pos + 4:pos + 6] in _LONG_VRS:
+            if pos + 12 > end:
+                return False
+            (length,) = struct.unpack(order + "I", data[pos + 8:pos + 12])
+            header = 12
+        else:
+            (length,) = struct.unpack(order + "H", data[pos + 6:pos + 8])
+            header = 8
+        seen += 1
+        if length == _UNDEFINED_LENGTH:  # a sequence or encapsulated pixel data: cannot skip it
+            vr = _dictionary_vr(tag) if implicit else data[pos + 4:pos + 6].decode()
+            return vr in ("SQ", "UN", "OB", "OW", "OB or OW")
+        if pos + header + length > end:
+            return False
+        pos, last_tag = pos + header + length, tag
+    return True
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:  # private or unknown tag
+        return ""
+
+
+def _raw_dataset_encoding(data: bytes) -> tuple[bool, bool] | None:
+    """``(implicit_vr, little_endian)`` of a data set written without the 128-byte preamble,
+    'DICM' prefix and file meta, or None when the bytes do not start like one.
+
+    The three encodings of PS3.5 7.1 are tried: explicit VR little endian, explicit VR big endian
+    and implicit VR little endian; pydicom's ``dcmread(force=True)`` then reads the data set.
+    """
+    data = bytes(data)
+    for implicit, little in ((False, True), (False, False), (True, True)):
+        if _elements_parse(data, implicit, little):
+            return implicit, little
+    return None
+
+
 def _looks_like_raw_dataset(data: bytes) -> bool:
     """A DICOM data set written without the 128-byte preamble and 'DICM' prefix."""
-    if len(data) < 8:
-        return False
-    group, _element = struct.unpack("<HH", data[:4])
-    if group not in (0x0002, 0x0008):
-        return False
-    if data[4:6] in _EXPLICIT_VRS:
-        return True
-    (length,) = struct.unpack("<I", data[4:8])  # implicit VR: a plausible value length
-    return length < len(data)
+    return _raw_dataset_encoding(data) is not None
 
 
 def _dcmread(data: bytes, force: bool, stop_before_pixels: bool = False) -> tuple[Dataset, bool]:
@@ -159,6 +237,8 @@ def _read_dataset(data: bytes) -> Dataset:
             data = b"\0" * 128 + data
         elif _looks_like_raw_dataset(data):
             force = True
+        elif not any(data[:128]) and _looks_like_raw_dataset(data[128:]):  # preamble, no 'DICM'
+            data, force = data[128:], True
         else:
             raise DecodeError("not_dicom", "not a DICOM file (no 'DICM' prefix, no data set)")
     ds, hit_eof = _dcmread(data, force)
@@ -222,7 +302,23 @@ def _read_metadata(ds: Dataset, id_key: str) -> dict:
         "modality": _code_string(ds.get("Modality")),
         "patient_pid": pseudonymize(patient_id, id_key) if patient_id else None,
         "study_pid": pseudonymize(study_uid, id_key) if study_uid else None,
+        "presentation_intent": _presentation_intent(ds),
     }
+
+
+def _presentation_intent(ds: Dataset) -> str | None:
+    """FOR_PROCESSING or FOR_PRESENTATION from Presentation Intent Type (0008,0068) or the SOP
+    class ("Digital X-Ray Image Storage - For Processing", ...; PS3.3 C.8.11.1.1.1, PS3.4 B.5);
+    either one saying "For Processing" wins. None when neither says."""
+    intent = _code_string(ds.get("PresentationIntentType"))
+    sop_class = ds.get("SOPClassUID")
+    if not sop_class and hasattr(ds, "file_meta"):
+        sop_class = ds.file_meta.get("MediaStorageSOPClassUID")
+    sop_name = UID(str(sop_class)).name.upper() if sop_class else ""
+    said = {intent, *(v for v in (FOR_PROCESSING, FOR_PRESENTATION) if v in sop_name)}
+    if FOR_PROCESSING in said:
+        return FOR_PROCESSING
+    return FOR_PRESENTATION if FOR_PRESENTATION in said else None
 
 
 _VIEW_WORDS = {"PA": "PA", "AP": "AP", "LL": "LL", "RL": "RL", "LAT": "LATERAL", "LATERAL": "LATERAL"}
@@ -310,7 +406,15 @@ def _first_frame(ds: Dataset) -> tuple[np.ndarray, int]:
     except DecodeError:
         raise
     except Exception as e:
-        raise DecodeError("unreadable", f"pixel data could not be decoded: {_describe(e)}") from e
+        if decoder.is_native:  # plain pixel data the header does not describe
+            raise DecodeError("unreadable", f"pixel data could not be decoded: {_describe(e)}") from e
+        # Every installed plugin for this transfer syntax failed on the codestream (a variant it
+        # cannot do, e.g. 12-bit or lossless JPEG in Pillow, or a damaged stream).
+        raise DecodeError(
+            "unsupported_transfer_syntax",
+            f"no installed plugin could decode this {tsyntax.name} pixel data "
+            f"(plugins: {', '.join(decoder.available_plugins) or 'none'}): {_describe(e)}",
+        ) from e
     bits = int(ds.get("BitsStored") or ds.BitsAllocated)
     return arr, bits
 
@@ -335,8 +439,74 @@ def _has_voi_lut(ds: Dataset) -> bool:
     return bool(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]
 
 
+def _padding_mask(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """True where a stored value is padding, not image (PS3.3 C.7.5.1.1.2), else None.
+
+    Padding is Pixel Padding Value (0028,0120) or, with Pixel Padding Range Limit (0028,0121),
+    every stored value between the two, inclusive; both are stored values (before the Modality
+    LUT) with the Pixel Representation's sign.
+    """
+    if ds.get("PixelPaddingValue") is None:
+        return None
+    value = _stored_int(ds, "PixelPaddingValue")
+    limit = _stored_int(ds, "PixelPaddingRangeLimit") if "PixelPaddingRangeLimit" in ds else None
+    if value is None:
+        return None
+    if limit is None:
+        mask = arr == value
+    else:
+        mask = (arr >= min(value, limit)) & (arr <= max(value, limit))
+    return mask if mask.any() else None
+
+
+def _stored_int(ds: Dataset, keyword: str) -> int | None:
+    """A US-or-SS attribute as an int; raw bytes (an unresolved ambiguous VR) read with the
+    data set's Pixel Representation and byte order."""
+    value = ds.get(keyword)
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) != 2:
+            return None
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+        little = getattr(ds, "original_encoding", (None, True))[1] is not False
+        return int.from_bytes(value, "little" if little else "big", signed=signed)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _to_p_values(unit: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """VOI output scaled to [0, 1] -> P-values in [0, 1] (bright = dense).
+
+    - A Presentation LUT Sequence (PS3.3 C.11.4) maps the VOI output to P-values with pydicom's
+      ``apply_presentation_lut``; its output is divided by 2**(LUT bits) - 1.
+    - Otherwise the image is inverted (min shown white) once when Photometric Interpretation is
+      MONOCHROME1 *or* Presentation LUT Shape (2050,0020) is INVERSE: in an image the shape
+      "shall be" INVERSE with MONOCHROME1 and IDENTITY with MONOCHROME2 (General Image Module,
+      PS3.3 C.7.6.1; DX Image Module C.8.11.3), so MONOCHROME1 + INVERSE state the same single
+      inversion, and MONOCHROME2 + INVERSE shows min white (P-value = max - value, C.11.6.1.2).
+      MONOCHROME1 + IDENTITY breaks that rule; the Photometric Interpretation, which describes
+      the pixel data itself, wins.
+    """
+    seq = ds.get("PresentationLUTSequence")
+    if seq and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]:
+        try:
+            bits = int(seq[0].LUTDescriptor[2])
+            # pydicom rescales its input from min..max to the LUT's entries: pin the ends to the
+            # VOI output range with two extra samples, so an image's own range does not stretch.
+            pinned = np.concatenate([unit.ravel(), [0.0, 1.0]])
+            p_values = apply_presentation_lut(pinned, ds)[:-2].reshape(unit.shape)
+            return np.clip(p_values.astype(np.float64) / (2**bits - 1), 0.0, 1.0)
+        except (ValueError, IndexError, TypeError, ZeroDivisionError, OverflowError):
+            pass  # an unusable LUT: fall back to the shape rule
+    shape = _code_string(ds.get("PresentationLUTShape"))
+    if photometric == "MONOCHROME1" or shape == "INVERSE":
+        return 1.0 - unit
+    return unit
+
+
 def _to_unit_range(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Stored values -> [0, 1] display values, bright = dense."""
+    """Stored values -> [0, 1] display values, bright = dense, padding 0."""
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
@@ -345,6 +515,7 @@ def _to_unit_range(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         top = 2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1
         return np.clip(arr[..., :3].astype(np.float64) @ _LUMA / top, 0, 1).astype(np.float32)
 
+    padding = _padding_mask(arr, ds)
     values = apply_modality_lut(arr, ds)
     if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
         values = values.astype(np.int64)  # VOI LUTs index with integers
@@ -358,12 +529,12 @@ def _to_unit_range(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         out = None  # an unusable window or LUT: fall back to the stored range
     if out is None or not hi > lo:
         out = values.astype(np.float64)
-        finite = out[np.isfinite(out)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        real = np.isfinite(out) if padding is None else np.isfinite(out) & ~padding
+        lo, hi = (float(out[real].min()), float(out[real].max())) if real.any() else (0.0, 0.0)
     unit = (out.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(out.shape)
-    unit = np.clip(np.nan_to_num(unit), 0.0, 1.0)
-    if photometric == "MONOCHROME1":  # low values are white: invert so bright = dense
-        unit = 1.0 - unit
+    unit = _to_p_values(np.clip(np.nan_to_num(unit), 0.0, 1.0), ds, photometric)
+    if padding is not None:
+        unit[padding] = 0.0  # not anatomy: black, like the letterbox around the image
     return unit.astype(np.float32)
 
 
@@ -371,11 +542,23 @@ def _to_unit_range(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 # PNG / JPEG
 
 
-def _load_pillow(data: bytes, formats: tuple[str, ...] | None = None) -> tuple[np.ndarray, int]:
-    """Image bytes -> (float32 [0,1] grayscale, bits per sample); raises DecodeError('bad_image')."""
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: EXIF/TIFF Orientation (0x0112) applied with Pillow's
+    ``ImageOps.exif_transpose`` (phone photos of films, images rotated in a file browser). An
+    unreadable EXIF block leaves the stored orientation."""
     try:
-        with Image.open(io.BytesIO(bytes(data)), formats=formats) as img:
-            img.load()
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block costs the orientation, not the image
+        return img
+
+
+def _load_pillow(data: bytes, formats: tuple[str, ...] | None = None) -> tuple[np.ndarray, int]:
+    """Image bytes -> (float32 [0,1] grayscale upright, bits per sample); raises
+    DecodeError('bad_image')."""
+    try:
+        with Image.open(io.BytesIO(bytes(data)), formats=formats) as stored:
+            stored.load()
+            img = _upright(stored)
             mode = img.mode
             if mode.startswith("I;16"):
                 return (np.asarray(img).astype(np.float64) / 65535.0).astype(np.float32), 16
@@ -399,7 +582,8 @@ def _palette_is_gray(img: Image.Image) -> bool:
 
 
 def decode_image(data: bytes, size: int | None = 512) -> DecodedImage:
-    """Decode a PNG or JPEG (8 or 16-bit grayscale, or RGB -> luminance); raises DecodeError."""
+    """Decode a PNG or JPEG (8 or 16-bit grayscale, or RGB -> luminance), turned upright by its
+    EXIF Orientation; raises DecodeError."""
     _check_size(size)
     pixels, bits = _load_pillow(data)
     return DecodedImage(pixels=_fit_square(pixels, size), bits_stored=bits, view_position=None,
@@ -433,23 +617,32 @@ _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def decode_any(data: bytes, name: str = "", size: int | None = 512,
-               id_key: str = "pairaug") -> DecodedImage:
-    """Sniff DICOM vs PNG/JPEG from the bytes (the file name breaks ties) and decode."""
+def decode_any(data: bytes, name: str = "", size: int | None = 512, id_key: str = "pairaug",
+               allow_for_processing: bool = False) -> DecodedImage:
+    """Sniff DICOM vs PNG/JPEG from the bytes (the file name breaks ties) and decode.
+
+    DICOM is recognised by its 'DICM' prefix (with or without the preamble) or by a data set
+    written without one in any of the three DICOM encodings (``_raw_dataset_encoding``).
+    ``allow_for_processing`` is passed to ``decode_dicom``.
+    """
     head = bytes(data[:132])
     lower = name.lower()
+
+    def dicom() -> DecodedImage:
+        return decode_dicom(data, size=size, id_key=id_key, allow_for_processing=allow_for_processing)
+
     if head[128:132] == b"DICM" or head[:4] == b"DICM":
-        return decode_dicom(data, size=size, id_key=id_key)
+        return dicom()
     if head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff"):
         return decode_image(data, size=size)
-    if lower.endswith(_DICOM_SUFFIXES) or _looks_like_raw_dataset(head):
-        return decode_dicom(data, size=size, id_key=id_key)
+    if lower.endswith(_DICOM_SUFFIXES) or _looks_like_raw_dataset(data):
+        return dicom()
     if lower.endswith(_IMAGE_SUFFIXES):
         return decode_image(data, size=size)
     try:
         Image.open(io.BytesIO(bytes(data))).close()
     except Exception:
-        return decode_dicom(data, size=size, id_key=id_key)  # raises not_dicom on unknown bytes
+        return dicom()  # raises not_dicom on unknown bytes
     return decode_image(data, size=size)
 
 

@@ -5,6 +5,7 @@ Usage::
     from pairaug_ray.io.reports import parse_report, iter_iu_reports, clean_report
     rep = parse_report(open("s50414267.txt").read(), name="s50414267.txt")
     rep.findings, rep.impression, rep.text          # readable text = findings + impression
+    text = decode_text(raw_bytes)                   # UTF-8 (BOM dropped), else cp1252, never raises
     for rep in iter_iu_reports(): ...               # 3,955 IU reports, read from torchxrayvision's data
     clean_report(rep)                               # lower-case word sentences, or None when too short
 
@@ -14,6 +15,8 @@ The IU reports (CC BY-NC-ND 4.0) are read at run time from the installed ``torch
 
 from __future__ import annotations
 
+import codecs
+import difflib
 import importlib.util
 import re
 import tarfile
@@ -31,7 +34,8 @@ _SECTION_ALIASES = {
     "procedure": "examination",
     "indication": "indication", "indications": "indication", "history": "indication",
     "clinical history": "indication", "clinical information": "indication",
-    "reason for exam": "indication", "reason for examination": "indication",
+    "clinical indication": "indication", "reason for exam": "indication",
+    "reason for examination": "indication", "reason for study": "indication",
     "comparison": "comparison", "comparisons": "comparison",
     "technique": "technique",
     "findings": "findings", "finding": "findings", "findings and impression": "findings",
@@ -41,15 +45,76 @@ _SECTION_ALIASES = {
     "recommendation": "recommendation", "recommendations": "recommendation",
     "notification": "notification", "wet read": "wet_read", "addendum": "addendum",
 }
+# Sections that describe the request, not the image: never part of the labelled text.
+CONTEXT_SECTIONS = frozenset({"final_report", "examination", "indication", "comparison", "technique"})
+# Words that make an unknown header a context header ("HISTORY OF PRESENT ILLNESS:", "PRIOR STUDY:").
+_CONTEXT_WORDS = frozenset({
+    "history", "indication", "indications", "reason", "clinical", "comparison", "comparisons",
+    "prior", "priors", "technique", "procedure", "request", "requested", "referring", "ordering",
+    "physician", "dictated", "signed", "accession", "provider", "attending", "radiologist",
+    "transcribed", "verified", "date", "time", "eval", "evaluate", "evaluation", "rule", "question",
+})
+_CLINICAL_WORDS = frozenset({"finding", "findings", "impression", "impressions"})
 _KNOWN = "|".join(sorted((re.escape(k).replace(r"\ ", r"\s+") for k in _SECTION_ALIASES),
                          key=len, reverse=True))
 # A known header at the start of a line, any case: "FINDINGS:", "Impression :", "IMPRESSION" alone on
 # its line, "FINDINGS  text" (two spaces), "FINDINGS - text".
 _KNOWN_HEADER = re.compile(rf"^\s*(?P<name>{_KNOWN})\s*(?::|-\s|$|(?=\s{{2,}}\S))(?P<rest>.*)$",
                            re.IGNORECASE)
-# Any other ALL-CAPS header with a colon ("PA AND LATERAL CHEST:", "HISTORY OF PRESENT ILLNESS:").
-_GENERIC_HEADER = re.compile(r"^\s*(?P<name>[A-Z][A-Z /&()'-]{2,40}?)\s*:(?P<rest>.*)$")
+# Any other short name before a colon ("IMPRESSON:", "Findings/Impression:", "CHEST, PA AND
+# LATERAL:", "LINES/TUBES:"), or an ALL-CAPS name alone on its line ("IMPRESSON").
+_HEADER_LIKE = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z0-9 ,./&()'_#-]{1,48}?)\s*:(?P<rest>.*)$")
+_CAPS_LINE = re.compile(r"^\s*(?P<name>[A-Z][A-Z /&-]{3,30}?)\s*(?P<rest>)$")
 _WS = re.compile(r"\s+")
+_NAME_SPLIT = re.compile(r"\s*(?:/|&|\band\b|,)\s*")
+_FUZZY_CUTOFF = 0.85  # difflib ratio: IMPRESSON / IMPRESION / FINDNGS / COMPARISION pass, EXPRESSION not
+
+
+def _known_section(name: str) -> str | None:
+    """Canonical section of a header name, exact, misspelled (difflib ratio >= 0.85 against the
+    known spellings, names of 5+ letters) or combined ("FINDINGS/IMPRESSION": the first clinical
+    part, else the first part); None when unknown."""
+    key = _squash(name).lower().strip(" .-")
+    if key in _SECTION_ALIASES:
+        return _SECTION_ALIASES[key]
+    parts = [p for p in _NAME_SPLIT.split(key) if p]
+    if len(parts) > 1:
+        known = [_known_section(p) for p in parts]
+        if all(known):
+            clinical = [k for k in known if k in ("findings", "impression")]
+            return clinical[0] if clinical else known[0]
+        return None
+    if len(key.replace(" ", "")) >= 5 and len(key.split()) <= 3:
+        close = difflib.get_close_matches(key, _SECTION_ALIASES, n=1, cutoff=_FUZZY_CUTOFF)
+        if close:
+            return _SECTION_ALIASES[close[0]]
+    return None
+
+
+def _header(line: str) -> tuple[str, str, str] | None:
+    """``(section, kind, rest)`` when ``line`` opens a section, else None.
+
+    kind: ``"known"`` (a known, misspelled or combined header: ``section`` is canonical),
+    ``"context"`` (an unknown header about the request, e.g. "HISTORY OF PRESENT ILLNESS:"), or
+    ``"sub"`` (any other ALL-CAPS header: a title or organ sub-header such as "CHEST, PA AND
+    LATERAL:", "LUNGS:", "LINES/TUBES:", whose line is kept verbatim in the findings).
+    """
+    m = _KNOWN_HEADER.match(line)
+    if m:
+        return _SECTION_ALIASES[_squash(m.group("name")).lower()], "known", m.group("rest")
+    m = _HEADER_LIKE.match(line) or _CAPS_LINE.match(line)
+    if not m:
+        return None
+    name = m.group("name")
+    section = _known_section(name)
+    if section:
+        return section, "known", m.group("rest")
+    if m.re is _CAPS_LINE or name != name.upper():  # unknown: only ALL-CAPS names with a colon
+        return None
+    words = set(re.findall(r"[a-z]+", name.lower()))
+    if words & _CONTEXT_WORDS and not words & _CLINICAL_WORDS:
+        return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"), "context", m.group("rest")
+    return "findings", "sub", line
 
 
 @dataclass
@@ -93,25 +158,47 @@ def _readable(findings: str, impression: str) -> str:
 
 
 def parse_mimic_report(text: str) -> Report:
-    """Split a MIMIC-CXR style report into sections; wrapped lines are joined, spaces squashed."""
+    """Split a MIMIC-CXR style report into sections; wrapped lines are joined, spaces squashed.
+
+    Rules (after the MIT-LCP MIMIC-CXR section parser, ``txt/section_parser.py``):
+
+    - known headers in any case, misspelled ones ("IMPRESSON:", "FINDNGS:") and combined ones
+      ("FINDINGS/IMPRESSION:") open their canonical section;
+    - any other ALL-CAPS header ("CHEST, PA AND LATERAL:", organ sub-headers "LUNGS:",
+      "PLEURA:", "LINES/TUBES:") is kept verbatim in the findings, or in the findings or
+      impression it sits in; before them, one that names the request ("HISTORY OF PRESENT
+      ILLNESS:") opens a context section: nothing is dropped silently;
+    - a paragraph without a header after a context section (INDICATION, HISTORY, COMPARISON,
+      TECHNIQUE, EXAMINATION) belongs to the findings;
+    - ``text`` is findings + impression; without either, the body without the context sections
+      (``CONTEXT_SECTIONS``, which are never labelled; "" when nothing else is left).
+    """
     sections: dict[str, list[str]] = {}
-    current = "preamble"
-    for line in (text or "").splitlines():
-        m = _KNOWN_HEADER.match(line)
-        if m:
-            current = _SECTION_ALIASES[_squash(m.group("name")).lower()]
+    context = set(CONTEXT_SECTIONS)
+    current, blank_before = "preamble", False
+    for line in (text or "").replace("\ufeff", "").splitlines():
+        found = _header(line)
+        if found and found[1] != "known" and current in ("findings", "impression"):
+            found = (current, "sub", line)  # inside findings/impression an unknown header stays
+        if found:
+            section, kind, rest = found
+            if kind == "context":
+                context.add(section)
+            current = section
+        elif not line.strip():
+            blank_before = True
+            continue
         else:
-            m = _GENERIC_HEADER.match(line)
-            if m:
-                name = _squash(m.group("name")).lower()
-                current = _SECTION_ALIASES.get(name, name.replace(" ", "_"))
-        rest = m.group("rest") if m else line
+            rest = line
+            if blank_before and current in context:
+                current = "findings"  # an un-headed paragraph after INDICATION/COMPARISON/...
+        blank_before = False
         # a repeated header (two IMPRESSION blocks) appends to the same section
         sections.setdefault(current, []).append(rest)
     out = {k: _squash(" ".join(v)) for k, v in sections.items()}
     out = {k: v for k, v in out.items() if v or k in ("findings", "impression")}
     findings, impression = out.get("findings", ""), out.get("impression", "")
-    body = _squash(" ".join(v for k, v in out.items() if k != "final_report"))
+    body = _squash(" ".join(v for k, v in out.items() if k not in context))
     return Report(findings=findings, impression=impression,
                   text=_readable(findings, impression) or body, sections=out)
 
@@ -140,17 +227,51 @@ def parse_iu_xml(xml: bytes | str) -> Report:
 
 def parse_plain(text: str) -> Report:
     """A report without recognisable sections: the whole text is the readable text."""
-    body = _squash(text)
+    body = _squash(text.replace("\ufeff", ""))
     return Report(text=body, sections={"body": body} if body else {})
 
 
 def _has_sections(text: str) -> bool:
-    return any(_KNOWN_HEADER.match(line) for line in text.splitlines())
+    """Whether a known (or misspelled, or combined) section header opens any line."""
+    return any((h := _header(line)) and h[1] == "known" for line in text.splitlines())
+
+
+# Encodings tried, strictly and in order, on text without a byte-order mark: UTF-8, then Windows
+# cp1252 (reports and CSVs written by Windows tools); the last one is used with errors="replace".
+TEXT_ENCODINGS = ("utf-8", "cp1252")
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF32_LE, "utf-32-le"),
+         (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+         (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def decode_text(data: bytes, encodings: tuple[str, ...] = TEXT_ENCODINGS) -> str:
+    """Bytes of a report or manifest -> str; never raises on the content.
+
+    A byte-order mark (UTF-8, UTF-16/32 LE/BE; ``codecs.BOM_*``) names the encoding and is
+    dropped. Otherwise each of ``encodings`` is tried strictly in order and the last is used
+    with ``errors="replace"``: cp1252 leaves 5 bytes undefined, so one odd byte becomes U+FFFD
+    instead of failing the file.
+    """
+    data = bytes(data)
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data[len(bom):].decode(encoding, errors="replace")
+    for encoding in encodings[:-1]:
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return data.decode(encodings[-1], errors="replace")
 
 
 def parse_report(data: bytes | str, name: str = "") -> Report:
-    """Dispatch on extension and content: IU XML, MIMIC-style sectioned text, or plain text."""
-    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    """Dispatch on extension and content: IU XML, MIMIC-style sectioned text, or plain text.
+
+    Bytes are decoded with ``decode_text`` (a BOM dropped, UTF-8 else cp1252); a U+FEFF left in
+    a str is removed.
+    """
+    text = decode_text(data) if isinstance(data, bytes) else data
+    text = text.replace("\ufeff", "")
     head = text.lstrip()[:200].lower()
     if name.lower().endswith(".xml") or head.startswith(("<?xml", "<ecitation")):
         return parse_iu_xml(text)

@@ -17,12 +17,14 @@ Sources:
   the root give the split and ViewPosition when present.
 - a manifest ``.csv``/``.jsonl``/``.parquet`` with ``image_uri`` and ``report`` or ``report_uri``
   (relative paths are relative to the manifest), optional ``study_id``, ``patient_id``,
-  ``image_id``, ``split``, ``view_position``.
+  ``image_id``, ``split``, ``view_position``. Text manifests may be UTF-8 (with or without a
+  BOM) or Windows cp1252.
 - ``iu://``: the Indiana University reports shipped by torchxrayvision (reports only, no images).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import posixpath
 import re
@@ -31,6 +33,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pandas as pd
 
+from pairaug_ray.io.reports import decode_text
 from pairaug_ray.io.store import StorageConfig, content_hash, filesystem, split_protocol
 
 ITEM_KEYS = (
@@ -108,16 +111,21 @@ def _iu_items() -> list[dict]:
 
 
 def _read_csv_like(uri: str, storage: StorageConfig) -> pd.DataFrame:
+    """A manifest or table as a DataFrame. Text formats are decoded with
+    ``reports.decode_text`` (a BOM dropped; UTF-8, else cp1252 as Excel on Windows writes it),
+    so one non-UTF-8 byte does not stop the listing."""
     fs, path = filesystem(uri, storage)
     with fs.open(path, "rb") as f:
         data = f.read()
     lower = path.lower()
     if lower.endswith(".parquet"):
         return pd.read_parquet(io.BytesIO(data))
+    if lower.endswith(".gz"):
+        data = gzip.decompress(data)
+    text = decode_text(data)
     if lower.endswith((".jsonl", ".json")):
-        return pd.read_json(io.BytesIO(data), lines=lower.endswith(".jsonl"))
-    return pd.read_csv(io.BytesIO(data), compression="gzip" if lower.endswith(".gz") else None,
-                       dtype=str, keep_default_na=False)
+        return pd.read_json(io.StringIO(text), lines=lower.endswith(".jsonl"))
+    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
 
 
 def _join(base_uri: str, rel: str) -> str:

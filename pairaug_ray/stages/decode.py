@@ -6,8 +6,11 @@ Usage::
     ds = items.map_batches(DecodeStage, **cfg.map_batches_kwargs(DecodeStage))
 
 Errors are classified (``io/dicom.py``'s classes, ``unreadable`` for a missing file,
-``missing_report``, ``non_frontal_view`` when ``frontal_only``) and become error rows that end in
-the quarantine table. Only pixel data, ids, view position, modality and report text leave here.
+``missing_report``, ``non_frontal_view`` when ``frontal_only``, ``for_processing`` for a DICOM
+"For Processing" image unless ``keep_for_processing``) and become error rows that end in the
+quarantine table. Report files are decoded with ``reports.decode_text`` (UTF-8 with or without a
+BOM, else cp1252): an odd byte never fails a row. Only pixel data, ids, view position, modality,
+presentation intent and report text leave here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pairaug_ray.io import dicom
-from pairaug_ray.io.reports import parse_report
+from pairaug_ray.io.reports import decode_text, parse_report
 from pairaug_ray.io.store import StorageConfig, read_bytes
 from pairaug_ray.stages.base import RowStage, StageConfig, StageError
 
@@ -26,6 +29,9 @@ class DecodeConfig(StageConfig):
     image_size: int = Field(256, ge=16)
     id_key: str = "pairaug-change-me"
     frontal_only: bool = True
+    keep_for_processing: bool = Field(
+        False, description="write DICOM 'For Processing' images (raw detector data) instead of "
+        "quarantining them; their presentation_intent column says FOR PROCESSING")
     png_bits: int = Field(16, description="8 or 16")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     num_cpus: float = 0.5
@@ -72,10 +78,11 @@ class DecodeStage(RowStage):
         elif row.get("image_uri"):
             data = self._read(row["image_uri"])
             image = dicom.decode_any(data, name=row["image_uri"], size=self.cfg.image_size,
-                                     id_key=self.cfg.id_key)
+                                     id_key=self.cfg.id_key,
+                                     allow_for_processing=self.cfg.keep_for_processing)
         if row.get("report_uri") and not report_text:
             try:
-                report_text = self._read(row["report_uri"]).decode("utf-8", errors="replace")
+                report_text = decode_text(self._read(row["report_uri"]))
             except StageError as exc:
                 raise StageError("missing_report", f"report not found: {row['report_uri']}") from exc
         if not report_text.strip():
@@ -94,6 +101,7 @@ class DecodeStage(RowStage):
             "view_position": view,
             "modality": (image.modality or "") if image else "",
             "bits_stored": int(image.bits_stored) if image else 0,
+            "presentation_intent": (image.presentation_intent or "") if image else "",
             "image_png": dicom.encode_png(image.pixels, bits=self.cfg.png_bits) if image else b"",
             "report": report.text,
             "findings_text": report.findings,
