@@ -23,7 +23,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a cluster of the test session's own, never a head another process started
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
