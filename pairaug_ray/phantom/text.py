@@ -38,6 +38,7 @@ _NEGATIVE_SENTENCES = {
     "Pleural Effusion": ["No pleural effusion.", "There is no pleural effusion."],
     "Pleural Other": ["No pleural thickening."],
     "Fracture": ["No acute rib fracture.", "No displaced fracture."],
+    "Support Devices": ["No support devices are seen.", "No lines or tubes."],
 }
 _LOBES = {"right": ("upper", "middle", "lower"), "left": ("upper", "lower")}
 _ORDINAL = {3: "3rd", 4: "4th", 5: "5th", 6: "6th", 7: "7th", 8: "8th", 9: "9th"}

@@ -236,3 +236,11 @@ def test_write_dataset_matches_mimic_layout(tmp_path):
         want = {o: int(float(v)) for o, v in row.items() if o in P.OBSERVATIONS and v != ""}
         assert label_states(label_report(text)) == want
         assert all(v in ("", "1.0", "0.0", "-1.0") for o, v in row.items() if o in P.OBSERVATIONS)
+
+
+def test_every_observation_can_be_stated_absent():
+    # template_report must say "absent" for any observation (it raised KeyError for Support Devices)
+    for obs in P.RENDERED:
+        truth = {obs: Finding(obs, NEGATIVE, None, None)}
+        text = P.template_report(truth, np.random.default_rng(0))
+        assert label_states(label_report(text)).get(obs) == NEGATIVE, (obs, text)
