@@ -5,17 +5,24 @@ Usage::
     python benchmarks/labeler_agreement.py                    # main table: --uncertain probable
     python benchmarks/labeler_agreement.py --uncertain ones   # every UNCERTAIN counts (U-Ones)
     python benchmarks/labeler_agreement.py --uncertain zeros  # only POSITIVE counts
+    python benchmarks/labeler_agreement.py --scaling          # labelling time vs text length
 
 Prints a markdown table (per class precision / recall / F1 / support) and one JSON line. The IU
 reports are read from the installed torchxrayvision package (CC BY-NC-ND 4.0: never committed).
+``--scaling`` instead labels made-up run-on reports (no punctuation) of 14, 28 and 56 kB and prints
+one JSON line per shape: best-of-3 CPU seconds of this process per size (steady on a shared
+machine), best-of-3 wall seconds, and the ratio of each size's CPU time to the one before (about 2
+when labelling is linear in the text length).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -152,13 +159,52 @@ def agreement_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# Made-up run-on reports (no end punctuation): each unit is repeated up to the size asked for.
+RUN_ON_SHAPES = {
+    "run-on sentence": "the heart size is within normal limits there is no focal consolidation ",
+    "comma list": "no consolidation, effusion, pneumothorax, ",
+    "and list": "small left pleural effusion and mild cardiomegaly and no pneumothorax ",
+    "hedges": "possible pneumonia cannot be excluded no evidence of change in the effusion may represent ",
+    "line list": "Small right pleural effusion\nNo pneumothorax\n",
+}
+
+
+def labelling_scaling(sizes: tuple[int, ...] = (14_000, 28_000, 56_000), repeats: int = 3) -> list[dict]:
+    """Best-of-``repeats`` CPU and wall seconds to label each run-on shape at each size (characters)."""
+    from pairaug_ray.labeler import label_report
+
+    label_report("warm up: pneumothorax")
+    rows = []
+    for shape, unit in RUN_ON_SHAPES.items():
+        cpu, wall = [], []
+        for n in sizes:
+            text = (unit * (n // len(unit) + 1))[:n]
+            best_cpu = best_wall = float("inf")
+            for _ in range(repeats):
+                c0, w0 = time.process_time(), time.perf_counter()
+                label_report(text)
+                best_cpu = min(best_cpu, time.process_time() - c0)
+                best_wall = min(best_wall, time.perf_counter() - w0)
+            cpu.append(round(best_cpu, 3))
+            wall.append(round(best_wall, 3))
+        rows.append({"shape": shape, "chars": list(sizes), "cpu_seconds": cpu, "wall_seconds": wall,
+                     "ratios": [round(b / a, 2) for a, b in itertools.pairwise(cpu)]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="labeler_agreement", description=__doc__.split("\n")[0])
     ap.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="probable",
                     help="how UNCERTAIN counts against MeSH: probable (default) = hedges that favour "
                          "the finding count, ones = every UNCERTAIN counts, zeros = none counts")
     ap.add_argument("--positive-only", action="store_true", help="the same as --uncertain zeros")
+    ap.add_argument("--scaling", action="store_true",
+                    help="time the labeler on run-on reports of 14, 28 and 56 kB instead")
     args = ap.parse_args(argv)
+    if args.scaling:
+        for row in labelling_scaling():
+            print(json.dumps(row))
+        return 0
     result = iu_agreement(policy="zeros" if args.positive_only else args.uncertain)
     print(agreement_markdown(result))
     print(json.dumps(result, sort_keys=True))
