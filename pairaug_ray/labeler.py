@@ -393,6 +393,14 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
+def sentence_text(text: str) -> str:
+    """``text`` as one line of sentences, each ended by punctuation: wrapped lines joined, list
+    lines ("- small effusion", "1. no pneumothorax") and lines that open a statement become
+    sentences of their own, list markers dropped. What ingest stores, so every later reader
+    (labeler, rewriter, generator prompt) sees the statements the author wrote."""
+    return " ".join(s if s.endswith((".", "!", "?")) else s + "." for s in split_sentences(text or ""))
+
+
 # --- "Finding: none" templates (medspacy/medspacy#49) ---------------------------------------------
 # "Pneumothorax: none", "EFFUSION - absent", "Heart: enlarged", "Pneumonia: cannot be excluded":
 # a key of up to four words, a colon (or a spaced dash, or "="), a short value, at the start of a

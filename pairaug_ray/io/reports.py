@@ -124,6 +124,9 @@ class Report:
     findings: str = ""
     impression: str = ""
     text: str = ""
+    # ``text`` with its line breaks (each line's spaces squashed): a list written one finding per
+    # line keeps its structure, so the labeler can read each line as its own statement.
+    lines: str = ""
     sections: dict[str, str] = field(default_factory=dict)
     mesh: list[str] = field(default_factory=list)            # IU: MeSH <major> terms
     mesh_automatic: list[str] = field(default_factory=list)  # IU: MeSH <automatic> terms
@@ -199,8 +202,10 @@ def parse_mimic_report(text: str) -> Report:
     out = {k: v for k, v in out.items() if v or k in ("findings", "impression")}
     findings, impression = out.get("findings", ""), out.get("impression", "")
     body = _squash(" ".join(v for k, v in out.items() if k not in context))
+    kept = [k for k in ("findings", "impression") if out.get(k)] or [k for k in out if k not in context]
+    lines = "\n\n".join("\n".join(_squash(line) for line in sections[k] if line.strip()) for k in kept)
     return Report(findings=findings, impression=impression,
-                  text=_readable(findings, impression) or body, sections=out)
+                  text=_readable(findings, impression) or body, lines=lines.strip(), sections=out)
 
 
 def parse_iu_xml(xml: bytes | str) -> Report:

@@ -43,6 +43,7 @@ from pydicom.uid import (
 from pairaug_ray.errors import DECODE_ERROR_CLASSES
 from pairaug_ray.io.dicom import DecodeError, decode_any, decode_dicom, decode_image
 from pairaug_ray.io.reports import decode_text, parse_mimic_report, parse_report
+from pairaug_ray.labeler import label_report, label_states
 from pairaug_ray.io.sources import list_items
 from pairaug_ray.stages.decode import DecodeConfig, DecodeStage
 
@@ -584,3 +585,25 @@ def test_decode_stage_reads_any_report_encoding_and_one_bad_byte_fails_nothing(t
     assert out["cp1252"]["findings_text"] == "Mild cardiomegaly \u2013 stable."
     assert out["bad"]["findings_text"].startswith("Small effusion")
     assert out["utf8"]["report"] == "Cardiomegaly \u2013 mild."
+
+
+def test_a_line_list_report_keeps_one_statement_per_line(tmp_path):
+    # aphp/edsnlp#176 through ingest: the section's lines used to be joined with spaces, so "No
+    # pneumothorax Mild cardiomegaly" negated the cardiomegaly after it.
+    text = ("FINAL REPORT\n INDICATION: CHF.\n\n FINDINGS:\n Small right pleural effusion\n No pneumothorax\n"
+            " Mild cardiomegaly\n\n IMPRESSION:\n - Effusion\n - No pneumothorax\n")
+    rep = parse_report(text)
+    assert rep.lines.splitlines()[:3] == ["Small right pleural effusion", "No pneumothorax", "Mild cardiomegaly"]
+    (tmp_path / "r.txt").write_text(text)
+    [row] = _stage_rows(DecodeStage(DecodeConfig()), [{"row_id": "r", "source_uri": "r",
+                                                         "report_uri": str(tmp_path / "r.txt")}])
+    assert row["report"] == ("Small right pleural effusion. No pneumothorax. Mild cardiomegaly. Effusion. "
+                             "No pneumothorax.")
+    states = label_states(label_report(row["report"]))
+    assert states["Cardiomegaly"] == 1 and states["Pneumothorax"] == 0 and states["Pleural Effusion"] == 1
+    # a report written in sentences is stored as it was
+    plain = "FINDINGS: Heart size is normal. No pleural effusion.\n\nIMPRESSION: No acute process."
+    (tmp_path / "p.txt").write_text(plain)
+    [row] = _stage_rows(DecodeStage(DecodeConfig()), [{"row_id": "p", "source_uri": "p",
+                                                         "report_uri": str(tmp_path / "p.txt")}])
+    assert row["report"] == parse_report(plain).text
