@@ -13,10 +13,13 @@ Usage::
     pairaug estimate --config jobs/configs/mimic.yaml --studies 220000
     pairaug serve --config jobs/configs/demo.yaml serve.port=8000
     pairaug label reports.jsonl > labels.jsonl     # {"id","report"} per line -> labels per line
+    pairaug config show --config jobs/configs/demo.yaml augment.generate   # keys, values, defaults
 
 Every job command takes --config FILE (YAML) and section.key=value overrides anywhere on the
 line; its flags are shorthands for keys of its own section and win over both. The jobs/ entry
-points (python -m jobs.<command>) parse their arguments with this module.
+points (python -m jobs.<command>) parse their arguments with this module. Job commands check
+what the driver can (paths, backends, model folders, splits) before Ray starts and exit 2 with
+the reason; progress goes to stderr (``console``), results to stdout.
 """
 
 from __future__ import annotations
@@ -86,7 +89,16 @@ def cmd_ingest(args) -> int:
 
     cfg = args.config
     ingest = _with_flags(cfg.ingest, source=args.source, out=args.out)
-    _print_json(run_ingest(ingest, storage=cfg.storage, ray=cfg.ray))
+    manifest = run_ingest(ingest, storage=cfg.storage, ray=cfg.ray)
+    _print_json(manifest)
+    if manifest.get("too_many_bad"):
+        total = manifest["totals"]["studies"] + manifest["totals"]["quarantined"]
+        by_class = ", ".join(f"{c} {n}" for c, n in manifest["bad_by_class"].items())
+        print(f"pairaug ingest: {sum(manifest['bad_by_class'].values())} of {total} inputs "
+              f"({manifest['bad_fraction']:.0%}) were quarantined as bad, more than "
+              f"ingest.max_bad_fraction={manifest['max_bad_fraction']:g}: {by_class}. The good ones are "
+              f"written; see {ingest.out}/quarantine for each input's reason", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -105,7 +117,8 @@ def cmd_augment(args) -> int:
     if not sum(b["candidates"] for b in manifest["branches"].values()):
         print(f"pairaug augment: no candidate was produced; every row failed: "
               f"{manifest['errors_by_stage_class']} (rewrite rejections: "
-              f"{manifest['rewrite_rejections_this_run']}); see the quarantine table", file=sys.stderr)
+              f"{manifest['rewrite_rejections_this_run']}); see the quarantine table. The folder is "
+              f"not claimed: the same --out takes a corrected command", file=sys.stderr)
         return 1
     return 0
 
@@ -143,12 +156,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from pairaug_ray.checks import check_train
     from pairaug_ray.runtime import init_ray
     from pairaug_ray.train.vlp import train_vlp
 
     cfg = args.config
     train = _with_flags(cfg.train, studies=args.studies, pairs=args.pairs, out=args.out, name=args.name,
                         steps=args.steps, mix=_csv(args.mix))
+    check_train(train, cfg.storage, cfg.ray)
     init_ray(cfg.ray)
     _print_json(train_vlp(train, cfg.storage))
     return 0
@@ -170,6 +185,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from pairaug_ray.checks import check_models, check_studies_source
     from pairaug_ray.runtime import init_ray
     from pairaug_ray.train.evaluate import run_evaluate
 
@@ -178,6 +194,8 @@ def cmd_evaluate(args) -> int:
                        split=args.split, classes=_csv(args.classes), templates=args.templates,
                        bootstrap=args.bootstrap, finetune_fractions=_csv(args.finetune, float),
                        finetune_mode=args.finetune_mode, finetune_steps=args.finetune_steps)
+    check_models("evaluate.models", ecfg.models, cfg.ray)
+    check_studies_source("evaluate.studies", ecfg.studies, cfg.storage)
     if ecfg.finetune_fractions:
         init_ray(cfg.ray)
     fields = ecfg.model_dump()
@@ -198,8 +216,11 @@ def add_zeroshot_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_zeroshot(args) -> int:
+    from pairaug_ray.checks import check_models, check_studies_source
     from pairaug_ray.train.zeroshot import zeroshot_eval
 
+    check_models("model", [args.model])
+    check_studies_source("studies", args.studies)
     r = zeroshot_eval(args.model, args.studies, None if args.split == "all" else args.split)
     _print_json({k: v for k, v in r.items() if k != "classes"})
     return 0
@@ -221,6 +242,7 @@ def add_ablate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ablate(args) -> int:
+    from pairaug_ray.checks import ConfigError, table_problem
     from pairaug_ray.runtime import init_ray
     from pairaug_ray.train.ablate import AblateConfig, run_ablate
 
@@ -230,6 +252,11 @@ def cmd_ablate(args) -> int:
                        variants=_csv(args.variants), fractions=_csv(args.fractions, float),
                        finetune_mode=args.finetune_mode, finetune_steps=args.finetune_steps,
                        split=args.split, batch_size=args.batch_size, bootstrap=args.bootstrap)
+    problems = [table_problem("ablate.studies", acfg.studies, "studies", cfg.storage, "run `pairaug ingest` first")]
+    if acfg.pairs:
+        problems.append(table_problem("ablate.pairs", acfg.pairs, "pairs", cfg.storage, "run `pairaug augment` first"))
+    if any(problems):
+        raise ConfigError([p for p in problems if p])
     init_ray(cfg.ray)
     res = run_ablate(acfg, cfg.storage)
     _print_json({"out": acfg.out, "files": res["files"], "seconds": res["seconds"],
@@ -248,7 +275,7 @@ def add_estimate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_estimate(args) -> int:
-    from pairaug_ray.estimate import STAGES, estimate, format_table, measure_rates
+    from pairaug_ray.estimate import STAGES, estimate, format_table, how_to_measure, measure_rates
 
     cfg = args.config
     est = cfg.estimate
@@ -265,8 +292,11 @@ def cmd_estimate(args) -> int:
         raise ValueError(f"unknown stages in estimate.rows_per_s: {sorted(unknown)}; known: {STAGES}")
     result = estimate(cfg.augment, rates, studies)
     result["rates_from"] = "measured" if measured else "config"
+    result["config_path"] = args.config_path
     if measured:
         result["measured"] = measured
+    if result["missing_rates"]:
+        result["how_to_measure"] = how_to_measure(result)
     if args.json:
         _print_json(result)
     else:
@@ -288,6 +318,28 @@ def cmd_serve(args) -> int:
     cfg = args.config
     init_ray(cfg.ray)
     run_serve(_with_flags(cfg.serve, host=args.host, port=args.port), blocking=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- config
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="config_action", required=True, metavar="ACTION",
+                           help="show: print the effective config")
+    show = sub.add_parser("show", help="print the effective config (defaults + --config file + "
+                          "overrides), one key per line with its value, type, default and description",
+                          description="Print the effective config (defaults + --config file + overrides), "
+                          "one key per line with its value, type, default and description.")
+    # Also here, so that `config show --config FILE SECTION` parses; SUPPRESS keeps the outer value.
+    show.add_argument("--config", default=argparse.SUPPRESS, help="YAML config file")
+    show.add_argument("section", nargs="?", help="only this section or sub-section, e.g. augment or "
+                      "augment.generate (default: every section)")
+
+
+def cmd_config(args) -> int:
+    from pairaug_ray.config import format_config
+
+    print(format_config(args.config, args.section))
     return 0
 
 
@@ -317,6 +369,14 @@ def cmd_demo(args) -> int:
         f"train.studies={ingest_out}", f"train.pairs={augment_out}", f"train.out={train_out}",
         *args.overrides])
     train = not args.no_train
+    # Everything the driver can check, before minutes of PhantomCXR, ingest and training.
+    from pairaug_ray.checks import ConfigError, augment_problems, model_problem
+
+    problems = augment_problems(cfg.augment, cfg.storage, cfg.ray, studies=False)
+    if train:
+        problems.append(model_problem("train.model", cfg.train.model, "vlp"))
+    if any(problems):
+        raise ConfigError([p for p in problems if p])
     n_steps = 6 if train else 3
     t0 = time.perf_counter()
 
@@ -328,7 +388,7 @@ def cmd_demo(args) -> int:
     counts = phantom.write_dataset(phantom_dir, n=args.n, seed=args.seed, size=args.size,
                                    report_source=args.reports)
     print(f"[demo]     {json.dumps(counts, default=str)}", flush=True)
-    step(2, "ingest on Ray Data: decode → label → write")
+    step(2, "ingest on Ray Data: decode → label → write (Ray's own output: --verbose)")
     cfg.ingest.source = phantom_dir
     ingest = run_ingest(cfg)
     scorer = final = None
@@ -404,21 +464,30 @@ COMMANDS = {
               "(/v1/augment, /v1/chat/completions, /healthz)", add_serve_args, cmd_serve, True, None),
     "label": ("label reports with the CheXpert-style labeler: JSONL {id, report} -> JSONL of labels",
               add_label_args, cmd_label, False, None),
+    "config": ("show the effective config: every key with its value, type, default and description",
+               add_config_args, cmd_config, True, None),
 }
+
+
+VERBOSE_HELP = ("Ray's own output too (progress bars, INFO logs of the driver and workers; sets "
+                "ray.verbose=true) and debug logging")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairaug", description=__doc__.split("\n\n")[0],
                                 epilog="Run `pairaug COMMAND --help` for a command's flags.")
     p.add_argument("--version", action="version", version=f"pairaug_ray {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add_args, func, job, default_config) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
+        # SUPPRESS: the global flag's value stays unless the flag is given after the command.
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         if job:
             sp.add_argument("--config", help="YAML config file" + (
                 f" (default {os.path.relpath(default_config)})" if default_config else ""))
-            sp.epilog = "Trailing section.key=value words override the config (e.g. ray.num_cpus=4)."
+            sp.epilog = ("Trailing section.key=value words override the config (e.g. ray.num_cpus=4); "
+                         "`pairaug config show` lists the keys.")
         add_args(sp)
         sp.set_defaults(func=func, job=job, default_config=default_config)
     return p
@@ -438,15 +507,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _is_override(word: str) -> bool:
+    # section.key=value: every key sits in a section, so the dot is required; a NAME=URI value
+    # (evaluate --model original=runs/x) stays with its flag.
     key = word.split("=", 1)[0]
-    return "=" in word and not word.startswith("-") and bool(key) and all(
+    return "=" in word and not word.startswith("-") and "." in key and all(
         part.isidentifier() for part in key.split("."))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Other libraries' INFO lines stay off the console unless --verbose; pairaug's own INFO shows.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("pairaug_ray").setLevel(logging.INFO)
     try:
         if args.job:
             from pairaug_ray.config import load_config
@@ -455,11 +529,21 @@ def main(argv: list[str] | None = None) -> int:
             if path is None and args.default_config and os.path.exists(args.default_config):
                 path = args.default_config
             args.config_path = path
-            args.config = load_config(path, args.overrides)
+            overrides = list(args.overrides) + (["ray.verbose=true"] if args.verbose else [])
+            args.config = load_config(path, overrides)
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"pairaug {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from pairaug_ray.errors import find_storage_error  # raised in a Ray worker or here
+
+        storage_error = find_storage_error(exc)
+        if storage_error is None:
+            raise
+        print(f"pairaug {args.command}: storage error: {storage_error}. Every object written so far is "
+              "whole; run the same command again to resume", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

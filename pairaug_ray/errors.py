@@ -8,7 +8,9 @@ Usage::
 
 A ``StageError`` fails its row only; the stage wrapper (``stages.base.RowStage``) turns it into an
 error row (``status="error"``, ``error_class``, ``error``, ``stage``) that is written to the
-quarantine table.
+quarantine table. A ``StorageError`` is the opposite: object storage failed after its retries (an
+outage, throttling that did not stop, refused credentials). That is no fault of the row, so it is
+never quarantined: it stops the job, and re-running the same command resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ DECODE_ERROR_CLASSES = (
     "unreadable",
     "bad_image",
     "for_processing",
+    "image_too_large",
 )
 
 
@@ -41,3 +44,37 @@ class DecodeError(StageError):
         if error_class not in DECODE_ERROR_CLASSES:
             raise ValueError(f"unknown error class {error_class!r}")
         super().__init__(error_class, message)
+
+
+class StorageError(OSError):
+    """Object storage failed after its retries; str(e) names the operation, the object and the cause.
+
+    An ``OSError`` (code that handles I/O errors still sees one), raised by ``io.store`` for remote
+    (``s3://``) objects. Stages let it through (``stages.base.RowStage``): a transient outage must
+    not turn good rows into quarantined ones, which a re-run would skip.
+    """
+
+
+_STORAGE_ERROR_LINE = "pairaug_ray.errors.StorageError: "
+
+
+def find_storage_error(exc: BaseException) -> StorageError | None:
+    """The ``StorageError`` behind ``exc``, or None.
+
+    Looks through the ``__cause__`` / ``__context__`` chain (and ``.cause``, as Ray's task errors
+    hold it); a failure in a Ray worker reaches the driver as text only (Ray Data's
+    ``UserCodeException`` keeps the worker's traceback as a string), so its last
+    ``pairaug_ray.errors.StorageError: ...`` line is read back into a new ``StorageError``.
+    """
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, StorageError):
+            return node
+        text = str(node)
+        if _STORAGE_ERROR_LINE in text:
+            line = text.rsplit(_STORAGE_ERROR_LINE, 1)[1].split("\n", 1)[0]
+            return StorageError(line.strip())
+        node = node.__cause__ or node.__context__ or getattr(node, "cause", None)
+    return None

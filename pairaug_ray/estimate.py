@@ -138,25 +138,42 @@ def measure_rates(cfg, sample: int, overrides_local: bool = True, workdir: str |
     return {"rows_per_s": rates, "sample_studies": sample, "stage_throughput": manifest["stage_throughput"]}
 
 
+def how_to_measure(result: dict) -> str:
+    """What to run (or put in the config) to get the rates ``result["missing_rates"]`` lacks."""
+    cfg = result.get("config_path") or "FILE"
+    missing = result["missing_rates"]
+    example = {"rewrite": 40, "generate": 0.6, "edit": 0.09, "score": 300, "write": 500}
+    return "\n".join([
+        f"No throughput for {', '.join(missing)}: an estimate needs each stage's rows/s per actor, "
+        "measured on the hardware the job will run on. On a node of the target type (the GPU node "
+        "type of the diffusion stages), measure them with",
+        f"    pairaug estimate --config {cfg} --studies {result['studies']} --measure-sample 8",
+        "(ingest + augment of 8 PhantomCXR studies there with this config's stage settings; each "
+        "stage's rate comes from the run's busy seconds), or write measured rates into the config:",
+        "    estimate:",
+        "      rows_per_s: {" + ", ".join(f"{k}: {example[k]}" for k in missing) + "}   # rows/s of ONE actor",
+    ])
+
+
 def format_table(result: dict) -> str:
+    """The estimate as text: a table of the stages with a rate, the bottleneck, and for stages
+    without a rate how to measure them (never a row of dashes)."""
     lines = [f"studies: {result['studies']}  (rows per study: "
-             + ", ".join(f"{k} {v}" for k, v in result["per_study"].items()) + ")",
-             f"{'stage':<9} {'rows':>10} {'rows/s/actor':>13} {'GPUs/actor':>10} {'actors':>6} "
-             f"{'GPU-h':>9} {'actor-h':>9} {'wall h':>8} {'balanced actors':>15}"]
-    for name, f in result["stages"].items():
-        rate = f"{f['rows_per_s_per_actor']:.4g}" if f["rows_per_s_per_actor"] else "-"
-
-        def num(key, fmt="{:.2f}"):
-            return fmt.format(f[key]) if key in f else "-"
-
-        lines.append(f"{name:<9} {f['rows']:>10} {rate:>13} {f['num_gpus']:>10g} {f['max_actors']:>6} "
-                     f"{num('gpu_hours'):>9} {num('actor_hours'):>9} {num('wall_hours'):>8} "
-                     f"{num('balanced_actors', '{}'):>15}")
+             + ", ".join(f"{k} {v}" for k, v in result["per_study"].items()) + ")"]
+    timed = {n: f for n, f in result["stages"].items() if "wall_hours" in f}
+    if timed:
+        lines.append(f"{'stage':<9} {'rows':>10} {'rows/s/actor':>13} {'GPUs/actor':>10} {'actors':>6} "
+                     f"{'GPU-h':>9} {'actor-h':>9} {'wall h':>8} {'balanced actors':>15}")
+        for name, f in timed.items():
+            lines.append(f"{name:<9} {f['rows']:>10} {f['rows_per_s_per_actor']:>13.4g} {f['num_gpus']:>10g} "
+                         f"{f['max_actors']:>6} {f['gpu_hours']:>9.2f} {f['actor_hours']:>9.2f} "
+                         f"{f['wall_hours']:>8.2f} {f.get('balanced_actors', ''):>15}")
     if "bottleneck" in result:
         lines.append(f"bottleneck: {result['bottleneck']}; wall {result['wall_hours']:.2f} h; "
                      f"busy GPU-hours {result['gpu_hours']:.1f}; GPU-hours reserved by the pools "
                      f"for the wall time {result['reserved_gpu_hours']:.1f}")
     if result["missing_rates"]:
-        lines.append("no throughput for: " + ", ".join(result["missing_rates"])
-                     + " (add estimate.rows_per_s or use --measure-sample K)")
+        if timed:
+            lines.append("The wall time above covers only the stages with a rate.")
+        lines.append(how_to_measure(result))
     return "\n".join(lines)

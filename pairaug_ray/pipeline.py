@@ -11,27 +11,36 @@ Usage::
 Ingest: 1 list the source on the driver → 2 drop rows a previous run already wrote (resume) →
 3 decode in an actor pool → 4 label → 5 write Parquet shards (studies + quarantine) → 6 the run
 manifest with counts. Only small summary rows come back to the driver.
+
+Both jobs check what the driver can before Ray starts (the source listing; ``checks.py`` for the
+rewrite backend, model folders, studies table and splits; the output folder's settings) and show
+one ``console.StepProgress`` per step. The manifests give per stage the pool size, busy and wall
+seconds (``stage_throughput``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
+import re
 import time
 from collections import Counter
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from pairaug_ray import __version__
 from pairaug_ray import schema as S
-from pairaug_ray.io.sources import list_items
+from pairaug_ray.checks import check_augment, check_split_selection, describe_splits, split_counts
+from pairaug_ray.console import StepProgress
+from pairaug_ray.io.sources import DEFAULT_SPLIT_FRACTIONS, assign_hash_splits, list_items
 from pairaug_ray.io.store import StorageConfig, Store
-from pairaug_ray.runtime import RayConfig, init_ray
-from pairaug_ray.stages.base import TIMING_PREFIX, StageConfig, fingerprint, output_fingerprint
+from pairaug_ray.runtime import RayConfig, check_placement, init_ray, stage_requirements
+from pairaug_ray.stages.base import RESOURCE_FIELDS, TIMING_PREFIX, StageConfig, fingerprint, output_fingerprint
 from pairaug_ray.stages.decode import DecodeConfig, DecodeStage
 from pairaug_ray.stages.edit import EditConfig
 from pairaug_ray.stages.generate import GenerateConfig
@@ -59,6 +68,17 @@ class IngestConfig(_Strict):
 
     source: str = Field("phantom://48?seed=0", description="folder, manifest, s3:// URI, iu:// or phantom://N?seed=S")
     out: str = Field("pairaug_out/ingest", description="output folder or s3:// URI")
+    split_by: Literal["source", "patient_hash"] = Field(
+        "source", description="source: the split file (MIMIC *split.csv[.gz]) or a manifest's split "
+        "column, else '' (with a warning); patient_hash: studies the source gives no split get one by a "
+        "hash of their patient id (same patient, same split, every run)")
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS),
+        description="split_by=patient_hash: the share of patients per split")
+    max_bad_fraction: float = Field(
+        0.5, ge=0, le=1, description="the job fails (non-zero exit, a summary by class) when more than "
+        "this share of the inputs in the output is quarantined for a defect (every class but "
+        "non_frontal_view, a view filter); bad inputs are quarantined either way")
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     write: WritePoolConfig = Field(default_factory=WritePoolConfig)
@@ -93,35 +113,58 @@ def _sections(cfg, name: str, storage: StorageConfig | None, ray_cfg: RayConfig 
 
 
 class Progress:
-    """Counts summary rows as they stream back and prints a line every few seconds."""
+    """Counts the summary rows streaming back (``status``, ``stage``, ``error_class``) and shows
+    them as one ``console.StepProgress`` (a bar on a terminal, a line every ``every_s`` otherwise).
+    ``counts``: rows per status, and per ``"error:<class>"``."""
 
-    def __init__(self, label: str, total: int, every_s: float = 5.0, stream=None):
-        self.label, self.total, self.every_s = label, total, every_s
-        self.stream = stream or sys.stderr  # looked up now: sys.stderr may be swapped (pytest)
-        self.t0 = self.last = time.perf_counter()
-        self.done = 0
+    def __init__(self, label: str, total: int | None, every_s: float = 5.0, stream=None):
+        self.bar = StepProgress(label, total, "rows", every_s=every_s, stream=stream)
         self.counts: Counter = Counter()
 
     def update(self, batch: pd.DataFrame) -> None:
-        self.done += len(batch)
         self.counts.update(batch["status"].tolist())
-        for cls in batch.loc[batch["status"] == "error", "error_class"]:
+        bad = batch[batch["status"] == "error"]
+        stages = bad["stage"] if "stage" in bad else [""] * len(bad)
+        detail = Counter(f"{st}:{cls}" if st else str(cls) for st, cls in zip(stages, bad["error_class"]))
+        for cls in bad["error_class"]:
             self.counts[f"error:{cls}"] += 1
-        now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.print()
+        self.bar.update(len(batch), errors=len(bad), error_detail=detail)
 
-    def print(self) -> None:
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        errs = self.counts.get("error", 0)
-        of = f"/{self.total}" if self.total >= 0 else ""
-        print(f"[{self.label}] {self.done}{of} rows, {errs} errors, {rate:.2f} rows/s",
-              file=self.stream, flush=True)
+    def note(self, text: str) -> None:
+        self.bar.note(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    @property
+    def done(self) -> int:
+        return self.bar.done
 
     @property
     def seconds(self) -> float:
-        return time.perf_counter() - self.t0
+        return self.bar.seconds
+
+
+def _note_splits(icfg, items: list[dict]) -> None:
+    """Say when the source gives studies no split; with ``split_by=patient_hash``, assign one."""
+    if not items or icfg.source.startswith("phantom://"):
+        return  # PhantomCXR studies get their split (by patient) in the decode stage
+    missing = sum(1 for it in items if not it["split"])
+    if not missing:
+        return
+    if icfg.split_by == "patient_hash":
+        assign_hash_splits(items, icfg.split_fractions)
+        log.warning("ingest: %d of %d images had no split from the source; assigned by patient-id hash "
+                    "(ingest.split_by=patient_hash): %s", missing, len(items),
+                    describe_splits(split_counts(it["split"] for it in items)))
+        return
+    what = ("no split file was found under the source (MIMIC's *split.csv[.gz] with dicom_id and split "
+            "columns at its root, or a `split` column in a manifest)" if missing == len(items)
+            else "the split file (or the manifest's split column) gives them none")
+    log.warning("ingest: %d of %d images get split '' because %s. `pairaug augment` (augment.splits, "
+                "default [train]) and training (train.splits) select by split and will skip them. Add a "
+                "split file, or set ingest.split_by=patient_hash to assign train/validate/test by a hash "
+                "of the patient id (shares: ingest.split_fractions)", missing, len(items), what)
 
 
 def run_ingest(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | None = None) -> dict:
@@ -133,18 +176,23 @@ def run_ingest(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | No
     import ray
 
     store = Store(icfg.out, storage)
-    init_ray(ray_cfg)
-
-    # 1. List the source (no pixels: paths, ids and, for IU, report text).
+    store.remove_incomplete()  # temporary files of a run killed mid-write
+    # 1. List the source (no pixels: paths, ids and, for IU, report text), on the driver and before
+    #    Ray starts: a wrong path or an empty source fails here in seconds.
     items = list_items(icfg.source, storage)
+    _note_splits(icfg, items)
+    init_ray(ray_cfg)
+    check_placement(stage_requirements(icfg, "ingest"), ray_cfg)  # fail now, not hang in Ray Data
 
     # 2. Resume: rows already in the studies or quarantine table are not redone.
     done = set(store.read_column(S.STUDIES_DIR, "row_id")) | set(store.read_column(S.QUARANTINE_DIR, "row_id"))
     todo = [it for it in items if it["row_id"] not in done]
-    log.info("ingest %s: %d items, %d already written, %d to do", icfg.source, len(items),
-             len(items) - len(todo), len(todo))
 
     progress = Progress("ingest", len(todo))
+    progress.note(f"{icfg.source}: {len(items)} images listed, {len(items) - len(todo)} already written, "
+                  f"{len(todo)} to do (decode → label → write)")
+    ds = None
+    clock = _StageClock()
     if todo:
         decode = icfg.decode.model_copy(update={"storage": storage})
         blocks = max(1, min(len(todo) // max(1, decode.batch_size), 200))
@@ -159,7 +207,8 @@ def run_ingest(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | No
         ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
             progress.update(batch)
-        progress.print()
+            clock.update(batch)
+    progress.close()
 
     # 6. The run manifest.
     counts = progress.counts
@@ -178,9 +227,15 @@ def run_ingest(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | No
         },
         "seconds": round(progress.seconds, 2),
         "rows_per_s": round(len(todo) / progress.seconds, 2) if todo and progress.seconds else None,
-        "config_fingerprint": fingerprint(icfg, exclude={"out", "decode", "label", "write"}) + "-"
+        "stage_throughput": _stage_throughput(
+            clock.seconds, clock.rows, pools={"decode": icfg.decode, "label": icfg.label, "write": icfg.write},
+            op_times=_operator_times(ds) if ds is not None else {}, write_rows=progress.done),
+        **_bad_inputs(store, icfg.max_bad_fraction),
+        "config_fingerprint": fingerprint(icfg, exclude={"out", "decode", "label", "write",
+                                                         "max_bad_fraction"}) + "-"
         + fingerprint(icfg.decode, exclude={"batch_size", "min_actors", "max_actors", "num_cpus",
-                                            "num_gpus", "accelerator_type", "resources", "storage"}),
+                                            "num_gpus", "accelerator_type", "resources", "label_selector",
+                                            "storage"}),
         "version": __version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -188,13 +243,75 @@ def run_ingest(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | No
     return manifest
 
 
+# Quarantine classes that select inputs rather than flag defects: not counted as bad.
+NOT_DEFECTS = frozenset({"non_frontal_view"})
+
+
+def _bad_inputs(store: Store, max_bad_fraction: float) -> dict:
+    """Manifest fields judging the whole output (so a resumed run judges as an uninterrupted one):
+    ``bad_fraction`` = inputs quarantined for a defect (not NOT_DEFECTS) / inputs in the output,
+    ``bad_by_class``, ``max_bad_fraction`` and ``too_many_bad`` (bad_fraction > max_bad_fraction)."""
+    classes = Counter(store.read_column(S.QUARANTINE_DIR, "error_class"))
+    bad = {c: n for c, n in sorted(classes.items()) if c not in NOT_DEFECTS}
+    total = len(store.read_column(S.STUDIES_DIR, "row_id")) + sum(classes.values())
+    fraction = sum(bad.values()) / total if total else 0.0
+    return {"bad_fraction": round(fraction, 4), "bad_by_class": bad, "max_bad_fraction": max_bad_fraction,
+            "too_many_bad": fraction > max_bad_fraction}
+
+
 # ----------------------------------------------------------------------------- augmentation
 
-def _stage_throughput(totals: dict[str, float], rows: dict[str, int]) -> dict:
-    return {stage.removeprefix(TIMING_PREFIX): {
-        "busy_seconds": round(sec, 2),
-        "rows_per_busy_s": round(rows[stage] / sec, 2) if sec else None,
-    } for stage, sec in sorted(totals.items())}
+def _stage_throughput(totals: dict[str, float], rows: dict[str, int], *, pools: dict | None = None,
+                      op_times: dict[str, dict] | None = None, write_rows: int = 0) -> dict:
+    """Per stage: ``min_actors`` / ``max_actors`` of its pool (the config's), ``busy_seconds`` (time
+    inside the stage's UDF summed over its batches, from the rows' ``_sec_<stage>`` columns; for the
+    write stage, Ray Data's block wall times), ``rows_per_busy_s`` and ``wall_seconds`` (first
+    batch start to last batch end of the stage's operator, from Ray Data's stats; actor start-up,
+    e.g. loading a model, comes before it)."""
+    pools, op_times = pools or {}, op_times or {}
+    names = {k.removeprefix(TIMING_PREFIX) for k in totals} | set(pools)
+    out = {}
+    for name in sorted(names):
+        fig: dict = {}
+        if name in pools:
+            fig.update(min_actors=pools[name].min_actors,
+                       max_actors=max(pools[name].min_actors, pools[name].max_actors))
+        sec, n = totals.get(TIMING_PREFIX + name), rows.get(TIMING_PREFIX + name, 0)
+        if sec is None and name == "write" and op_times.get(name, {}).get("busy_seconds") is not None:
+            sec, n = op_times[name]["busy_seconds"], write_rows
+        if sec is not None:
+            fig.update(busy_seconds=round(sec, 2), rows_per_busy_s=round(n / sec, 2) if sec else None)
+        if op_times.get(name, {}).get("wall_seconds") is not None:
+            fig["wall_seconds"] = op_times[name]["wall_seconds"]
+        out[name] = fig
+    return out
+
+
+_STAGE_OP = re.compile(r"MapBatches\((\w+?)Stage\)")
+
+
+def _operator_times(ds) -> dict[str, dict]:
+    """``{stage: {"wall_seconds", "busy_seconds"}}`` from Ray Data's execution stats of ``ds``
+    after it ran, for operators that map a ``<Name>Stage`` UDF (``MapBatches(GenerateStage)`` →
+    ``generate``). Wall = the operator's first block start to last block end; busy = its blocks'
+    wall times summed. Empty when the stats cannot be read."""
+    try:
+        summary = ds._get_stats_summary()  # Ray 2.60: Dataset.stats() has no structured public form
+    except Exception as exc:  # noqa: BLE001 - figures for the manifest only
+        log.debug("no Ray Data stats: %s", exc)
+        return {}
+    out: dict[str, dict] = {}
+    pending = [summary]
+    while pending:
+        s = pending.pop()
+        for op in s.operators_stats:
+            busy = getattr(op.wall_time, "sum", None)
+            for m in _STAGE_OP.finditer(op.operator_name):
+                out.setdefault(m.group(1).lower(), {
+                    "wall_seconds": round(op.time_total_s, 2) if op.time_total_s else None,
+                    "busy_seconds": round(busy, 2) if busy else None})
+        pending.extend(s.parents)
+    return out
 
 
 class _StageClock:
@@ -226,22 +343,30 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
     from pairaug_ray.stages.rewrite import RewriteStage
     from pairaug_ray.stages.score import ScoreStage
 
+    # 0. What the driver can check before Ray starts: the rewrite backend, the model folders, the
+    #    studies table, the output folder's settings (checks.py, _check_output).
+    check_augment(acfg, storage, ray_cfg)
     studies = Store(acfg.studies, storage)
     store = Store(acfg.out, storage)
-    init_ray(ray_cfg)
-    t0 = time.perf_counter()
     fp = output_fingerprint(acfg.rewrite, acfg.generate, acfg.edit, acfg.score)
-    _claim_output(store, fp)
+    settings = output_settings(acfg)
+    _check_output(store, fp, settings)
+    store.remove_incomplete()  # temporary files of a run killed mid-write
 
     # 1. Studies to augment: the configured splits of the ingest table, text columns only (no
     #    pixels), read on the driver: a Ray read's file-listing task wants a whole CPU, which a
-    #    small cluster with the stage pools already placed does not have.
+    #    small cluster with the stage pools already placed does not have. Splits that select no
+    #    study stop the job here, before Ray starts.
     table = studies.read_table(S.STUDIES_DIR, columns=PLAN_COLUMNS)
     if table is None:
         raise FileNotFoundError(f"no studies table under {acfg.studies}: run `pairaug ingest` first")
+    check_split_selection(table.column("split").to_pylist(), list(acfg.splits), acfg.studies)
     table = table.filter(pc.is_in(table.column("split"), pa.array(acfg.splits, pa.string())))
     if acfg.limit:
         table = table.slice(0, acfg.limit)
+    init_ray(ray_cfg)
+    check_placement(stage_requirements(acfg, "augment"), ray_cfg)  # fail now, not hang in Ray Data
+    t0 = time.perf_counter()
     chunk = 16
     src = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)])
 
@@ -271,10 +396,16 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
     ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
     # Total shown = candidates still to do (exact unless ``done`` holds ids of other splits).
     progress = Progress("augment", max(table.num_rows * per_study - len(done), 0))
+    progress.note(f"{table.num_rows} studies of splits {list(acfg.splits)} × {per_study} candidates, "
+                  f"{len(done)} already written (rewrite → generate / edit → score → write)")
     clock = _StageClock()
     by_branch: Counter = Counter()
     rejections: Counter = Counter()
+    claimed = False
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        if not claimed and (batch["status"] == "ok").any():  # a candidate is committed: claim now
+            _claim_output(store, fp, settings)
+            claimed = True
         progress.update(batch)
         clock.update(batch)
         if "rewrite_rejections" in batch:
@@ -282,7 +413,8 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
                 rejections.update(json.loads(s) if isinstance(s, str) and s else {})
         for (branch, status), n in batch.groupby(["branch", "status"]).size().items():
             by_branch[f"{branch}:{status}"] += int(n)
-    progress.print()
+    progress.close()
+    op_times = _operator_times(ds)
     pass1_s = time.perf_counter() - t0
 
     # 8. Pruning pass 1: global IntraAug means over the whole persisted candidate table.
@@ -307,8 +439,10 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
         sel = cands.map_batches(_select_kept, batch_format="pandas",
                                 fn_kwargs={"ids": frozenset(to_write), "reasons": reasons}, num_cpus=0.25)
         sel = sel.map_batches(WriteStage, **pcfg.map_batches_kwargs(WriteStage))
-        for _ in sel.iter_batches(batch_format="pandas", batch_size=None):
-            pass
+        pairs_progress = Progress("augment: kept pairs", len(to_write))
+        for batch in sel.iter_batches(batch_format="pandas", batch_size=None):
+            pairs_progress.update(batch)
+        pairs_progress.close()
 
     # 10. Manifest and visual report.
     branch_counts = {}
@@ -342,7 +476,9 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
         "rewrite_rejections_this_run": dict(sorted(rejections.items())),
         "intra_means": means,
         "prune": acfg.prune.model_dump(),
-        "stage_throughput": _stage_throughput(clock.seconds, clock.rows),
+        "stage_throughput": _stage_throughput(
+            clock.seconds, clock.rows, op_times=op_times, write_rows=progress.done,
+            pools={name: getattr(acfg, name) for name in ("rewrite", "generate", "edit", "score", "write")}),
         "seconds": {"generate_and_score": round(pass1_s, 2), "total": round(total_s, 2)},
         "pairs_per_s": round(progress.counts.get("ok", 0) / pass1_s, 3) if pass1_s else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -357,20 +493,77 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
     return manifest
 
 
-def _claim_output(store: Store, fp: str) -> None:
-    """Refuse an output folder that holds candidates made with other output settings: pair ids
-    embed the fingerprint, so a resumed run would add a second set beside the first and pruning
-    and training would mix them."""
-    for name in (S.RUN_FILE, S.MANIFEST_FILE):
-        if store.exists(name):
-            previous = store.read_json(name).get("config_fingerprint")
-            if previous and previous != fp:
-                raise ValueError(
-                    f"{store.uri_of(name)} records output settings {previous}, this run has {fp}: "
-                    "the rewrite/generate/edit/score settings changed since that run. Write to a new "
-                    "--out (or delete the folder); pool sizes and batch sizes may change freely.")
-    store.write_json(S.RUN_FILE, {"config_fingerprint": fp,
-                                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+OUTPUT_SECTIONS = ("rewrite", "generate", "edit", "score")
+
+
+def output_settings(acfg) -> dict[str, dict]:
+    """The settings behind the output fingerprint, per section (``{"rewrite": {...}, ...}``): each
+    stage config's dump (``fingerprint_dump`` where a config has one) without ``RESOURCE_FIELDS``;
+    ``output_fingerprint`` hashes exactly these."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in RESOURCE_FIELDS}
+        return node
+
+    out = {}
+    for name in OUTPUT_SECTIONS:
+        cfg = getattr(acfg, name)
+        out[name] = strip(cfg.fingerprint_dump() if hasattr(cfg, "fingerprint_dump") else cfg.model_dump(mode="json"))
+    return out
+
+
+def settings_diff(before: dict, after: dict, prefix: str = "augment") -> list[str]:
+    """``"augment.generate.steps: 10 → 20"`` per dotted key whose value differs (added and removed
+    keys included), sorted."""
+    def flat(node, path, out):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                flat(v, f"{path}.{k}", out)
+        else:
+            out[path] = node
+        return out
+
+    a, b = flat(before or {}, prefix, {}), flat(after or {}, prefix, {})
+    missing = object()
+    return [f"{k}: {json.dumps(a.get(k)) if k in a else '(unset)'} → {json.dumps(b.get(k)) if k in b else '(unset)'}"
+            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def _check_output(store: Store, fp: str, settings: dict) -> None:
+    """Refuse an output folder that holds candidates made with other output settings, naming the
+    settings that differ: pair ids embed the fingerprint, so a resumed run would add a second set
+    beside the first and pruning and training would mix them. A folder without candidates (a run
+    that failed before writing one, e.g. on a typo) is free: the claim (``run.json``) is written
+    only when the first candidate is committed (``_claim_output``)."""
+    table = S.CANDIDATES_DIR if store.shards(S.CANDIDATES_DIR) else S.PAIRS_DIR
+    present = {f for f in store.read_column(table, "config_fingerprint") if f}
+    if not present or present == {fp}:
+        return
+    previous = None
+    if store.exists(S.RUN_FILE):
+        run = store.read_json(S.RUN_FILE)
+        if run.get("config_fingerprint") in present:
+            previous = run
+    old_fp = (previous or {}).get("config_fingerprint") or sorted(present)[0]
+    if previous and previous.get("settings"):
+        changed = settings_diff(previous["settings"], settings)
+        what = "changed settings:\n    " + "\n    ".join(changed or ["(none in run.json: the fingerprint covers something run.json does not, e.g. after a pairaug upgrade)"])
+    else:
+        what = (f"{store.uri_of(S.RUN_FILE)} does not record the settings of that run (an older "
+                "pairaug, or a crash before it was written), so which keys changed is not known")
+    raise ValueError(
+        f"{store.uri_of(table)} holds candidates made with other output settings (fingerprint "
+        f"{old_fp}; this run: {fp}); {what}\n"
+        "Pair ids embed these settings, so the two sets would mix in pruning and training. Change "
+        "them back, write to a new --out, or delete the folder; pool sizes, batch sizes and devices "
+        "may change freely.")
+
+
+def _claim_output(store: Store, fp: str, settings: dict) -> None:
+    """Record the output settings of the candidates in this folder (``run.json``): written when the
+    first candidate is committed, read by ``_check_output`` to name what a later run changed."""
+    store.write_json(S.RUN_FILE, {"config_fingerprint": fp, "settings": settings,
+                                  "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def _select_kept(batch: pd.DataFrame, ids: frozenset, reasons: dict) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import math
 import posixpath
 from collections import Counter
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq
 
 from pairaug_ray import schema as S
 from pairaug_ray.io.store import Store
+from pairaug_ray.labeler import NEGATIVE, POSITIVE, UNCERTAIN
 from pairaug_ray.stages import prune as P
 from pairaug_ray.vocab import BRANCH_DESCRIPTIONS, BRANCH_TITLES, BRANCHES as BRANCH_NAMES, SCORE_COLUMNS, SCORE_LABELS, normalize_branch
 
@@ -126,23 +128,71 @@ def _num(value) -> float:
 
 def _fill_kept(rows: list[dict], pair_ids_kept: set[str] | None, thr: float, margin: float,
                means: dict) -> None:
-    """Candidates written before pruning carry no `kept`: take it from the pairs table when there
-    is one, else apply the pruning rules of stages/prune.py with the report's thresholds."""
+    """Candidates are written before pruning and carry no `kept`. It comes from the pairs table when
+    there is one (what training reads); the reason a candidate was pruned comes from the pruning
+    rules of stages/prune.py with the run's threshold, margin and IntraAug means (e.g. "score_align
+    0.120 ≤ threshold 0.200"). Without a pairs table the rules alone decide."""
     missing = [r for r in rows if r["kept"] is None]
     if not missing:
-        return
-    if pair_ids_kept is not None:
-        for r in missing:
-            r["kept"] = r["pair_id"] in pair_ids_kept
-            r["prune_reason"] = r["prune_reason"] or ("" if r["kept"] else "not in pairs")
         return
     have_means = all(means.get(c) is not None for c in SCORE_COLUMNS)
     frame = {"branch": np.array([r["branch"] for r in missing], dtype=object),
              **{c: np.array([_num(r[c]) for r in missing], dtype=np.float64) for c in SCORE_COLUMNS}}
-    pruned = P.apply_prune(frame, means if have_means else None,
-                           P.PruneConfig(inter_threshold=thr, intra_margin=margin))
-    for r, kept, reason in zip(missing, pruned["kept"], pruned["prune_reason"]):
-        r["kept"], r["prune_reason"] = bool(kept), str(reason)
+    cfg = P.PruneConfig(inter_threshold=thr, intra_margin=margin)
+    if pair_ids_kept is None:
+        pruned = P.apply_prune(frame, means if have_means else None, cfg)
+        for r, kept, reason in zip(missing, pruned["kept"], pruned["prune_reason"]):
+            r["kept"], r["prune_reason"] = bool(kept), str(reason)
+        return
+    try:
+        reasons = list(P.apply_prune(frame, means if have_means else None, cfg)["prune_reason"])
+    except ValueError:  # IntraAug rows but no means to judge them by
+        reasons = [""] * len(missing)
+    for r, reason in zip(missing, reasons):
+        r["kept"] = r["pair_id"] in pair_ids_kept
+        if not r["kept"]:
+            r["prune_reason"] = r["prune_reason"] or str(reason) or "not in the pairs table"
+
+
+def _state_words(state) -> str:
+    """``[state, severity, laterality]`` (a labeler.Finding's) → "moderate, left", "none",
+    "possible mild", "present"; null → "not mentioned"."""
+    if state is None or state == []:
+        return "not mentioned"
+    if not isinstance(state, (list, tuple)):
+        return str(state)
+    st, severity, side = (list(state) + [None, None, None])[:3]
+    if st == NEGATIVE:
+        return "none"
+    if st == UNCERTAIN:
+        words = " ".join(w for w in ("possible", severity) if w)
+    elif st == POSITIVE:
+        words = severity or "present"
+    else:
+        words = str(st)
+    return ", ".join(w for w in (words, side) if w)
+
+
+def describe_change(change) -> list[str]:
+    """The rewrite's requested change (the ``change`` column: JSON ``{observation: [before, after]}``,
+    each ``[state, severity, laterality]`` or null) in words, one line per observation:
+    ``"Edema: mild → none"``, ``"Pleural Effusion: none → moderate, left"``. Text that is not such
+    JSON comes back as one line."""
+    if change in (None, "", "{}", "null"):
+        return []
+    try:
+        data = json.loads(change) if isinstance(change, str) else change
+    except ValueError:
+        return [str(change)]
+    if not isinstance(data, dict):
+        return [str(change)]
+    lines = []
+    for obs, pair in sorted(data.items()):
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            lines.append(f"{obs}: {_state_words(pair[0])} → {_state_words(pair[1])}")
+        else:
+            lines.append(f"{obs}: {pair}")
+    return lines
 
 
 # ---------------------------------------------------------------- images
@@ -202,7 +252,7 @@ def _hist(ax, rows: list[dict], col: str, lines: list[tuple[float, str, str, str
     ax.set_xlabel(SCORE_LABELS[col], fontsize=8)
     ax.set_ylabel("candidates", fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7, framealpha=0.6)
+    ax.legend(fontsize=7, framealpha=0.6, loc="upper left")  # "best" searches (slow, and warns)
 
 
 def _inter_hist(rows: list[dict], thr: float) -> bytes:
@@ -353,8 +403,8 @@ def render_summary(data: ReportData) -> str:
         br = by_branch[b]
         kept = sum(1 for r in br if r["kept"])
         rate = f"{kept / len(br):.0%}" if br else "–"
-        reasons = Counter(r["prune_reason"] or "?" for r in br if not r["kept"])
-        top = ", ".join(f"{k} ×{v}" for k, v in reasons.most_common(4)) or "–"
+        reasons = Counter(P.reason_kind(r["prune_reason"]) or "?" for r in br if not r["kept"])
+        top = " · ".join(f"{k} ×{v}" for k, v in reasons.most_common(4)) or "–"
         count_rows.append([title, len(br), kept, len(br) - kept, rate, top])
         count_ids.append(f"counts-{b}")
     out.append(_table(["branch", "candidates", "kept", "pruned", "keep rate", "prune reasons"],
@@ -472,9 +522,9 @@ def render_examples(data: ReportData, max_examples: int = 6, max_variants: int =
             for k, r in enumerate(cand_rows):
                 img = _put_png(data, f"ex{i}_{b}_{k}.png", _thumbnail(pix.get(r["pair_id"], {}).get("image_png")))
                 state = "kept" if r["kept"] else "pruned"
-                change = str(r["change"] or "")
-                change_html = (f'<div class="muted">change: {_e(change[:300])}</div>'
-                               if change and change not in ("{}", "null") else "")
+                change = describe_change(r["change"])
+                change_html = (f'<div class="muted change">change: {"; ".join(_e(c) for c in change[:6])}'
+                               f'{" …" if len(change) > 6 else ""}</div>' if change else "")
                 cards.append(f'<div class="card {state}"><b>{title} v{_e(r["variant"])}</b> '
                              f'{_badge(r)}{_img(img, title)}'
                              f'<div>{_score_html(r, b, thr, margin, means)}</div>'

@@ -53,7 +53,7 @@ QUARANTINE_COLUMNS = [name for name, _ in QUARANTINE_FIELDS]
 STUDIES_DIR = "studies"
 QUARANTINE_DIR = "quarantine"
 MANIFEST_FILE = "manifest.json"
-RUN_FILE = "run.json"              # written when a run starts: the output config fingerprint
+RUN_FILE = "run.json"              # the output settings of the candidates, written at the first commit
 
 # A candidate / pair row: one augmented image-report pair and its provenance.
 PAIR_FIELDS = [

@@ -73,6 +73,9 @@ _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 FOR_PROCESSING = "FOR PROCESSING"
 FOR_PRESENTATION = "FOR PRESENTATION"
+# Pixels per frame an image header may declare (6000 x 6000; chest detectors are at most ~4300 x
+# 4300): a header claiming more is refused before anything the size of the image is allocated.
+MAX_IMAGE_PIXELS = 36_000_000
 
 
 @dataclass
@@ -121,13 +124,15 @@ def pseudonymize(value: str, key: str) -> str:
 
 
 def decode_dicom(data: bytes, size: int | None = 512, id_key: str = "pairaug",
-                 allow_for_processing: bool = False) -> DecodedImage:
+                 allow_for_processing: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS) -> DecodedImage:
     """Decode a DICOM file's first frame and its PHI-free metadata; raises DecodeError.
 
     A "For Processing" image (Presentation Intent Type FOR PROCESSING or a "For Processing" SOP
     class: raw detector data, often linear in exposure, not meant for display; PS3.3 C.8.11.1.1.1)
     raises ``DecodeError("for_processing")`` unless ``allow_for_processing``; when allowed it is
-    decoded like any other image and ``presentation_intent`` says what it is.
+    decoded like any other image and ``presentation_intent`` says what it is. A header declaring
+    more than ``max_pixels`` pixels per frame (Rows x Columns) raises
+    ``DecodeError("image_too_large")`` before any pixel is decoded (None: no limit).
     """
     _check_size(size)
     try:
@@ -138,6 +143,7 @@ def decode_dicom(data: bytes, size: int | None = 512, id_key: str = "pairaug",
             if meta["presentation_intent"] == FOR_PROCESSING and not allow_for_processing:
                 raise DecodeError("for_processing", "a 'For Processing' image (raw detector data, "
                                   "not for display; PS3.3 C.8.11.1.1.1)")
+            _check_pixel_count(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), max_pixels)
             arr, bits = _first_frame(ds)
             pixels = _to_unit_range(arr, ds)
     except DecodeError:
@@ -552,11 +558,21 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def _load_pillow(data: bytes, formats: tuple[str, ...] | None = None) -> tuple[np.ndarray, int]:
+def _check_pixel_count(rows: int, columns: int, max_pixels: int | None) -> None:
+    """Raises DecodeError('image_too_large') when a header declares more than ``max_pixels``."""
+    if max_pixels is not None and rows * columns > max_pixels:
+        raise DecodeError("image_too_large", f"the header declares {columns} x {rows} = {rows * columns} "
+                          f"pixels, more than the limit of {max_pixels} (decode.max_image_pixels)")
+
+
+def _load_pillow(data: bytes, formats: tuple[str, ...] | None = None,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, int]:
     """Image bytes -> (float32 [0,1] grayscale upright, bits per sample); raises
-    DecodeError('bad_image')."""
+    DecodeError('bad_image'), or DecodeError('image_too_large') when the header declares more than
+    ``max_pixels`` pixels (checked before the pixels are decoded)."""
     try:
         with Image.open(io.BytesIO(bytes(data)), formats=formats) as stored:
+            _check_pixel_count(stored.height, stored.width, max_pixels)
             stored.load()
             img = _upright(stored)
             mode = img.mode
@@ -572,6 +588,10 @@ def _load_pillow(data: bytes, formats: tuple[str, ...] | None = None) -> tuple[n
                 return (arr / 255.0).astype(np.float32), 8
             rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
             return (rgb @ _LUMA / 255.0).astype(np.float32), 8
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own limit, hit inside Image.open
+        raise DecodeError("image_too_large", f"image header declares too many pixels: {_describe(e)}") from e
     except Exception as e:
         raise DecodeError("bad_image", f"undecodable image: {_describe(e)}") from e
 
@@ -581,11 +601,12 @@ def _palette_is_gray(img: Image.Image) -> bool:
     return bool(np.all(rgb[:, 0] == rgb[:, 1]) and np.all(rgb[:, 1] == rgb[:, 2]))
 
 
-def decode_image(data: bytes, size: int | None = 512) -> DecodedImage:
+def decode_image(data: bytes, size: int | None = 512,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> DecodedImage:
     """Decode a PNG or JPEG (8 or 16-bit grayscale, or RGB -> luminance), turned upright by its
-    EXIF Orientation; raises DecodeError."""
+    EXIF Orientation; raises DecodeError (``image_too_large`` above ``max_pixels``)."""
     _check_size(size)
-    pixels, bits = _load_pillow(data)
+    pixels, bits = _load_pillow(data, max_pixels=max_pixels)
     return DecodedImage(pixels=_fit_square(pixels, size), bits_stored=bits, view_position=None,
                         modality=None, patient_pid=None, study_pid=None)
 
@@ -618,32 +639,36 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def decode_any(data: bytes, name: str = "", size: int | None = 512, id_key: str = "pairaug",
-               allow_for_processing: bool = False) -> DecodedImage:
+               allow_for_processing: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS) -> DecodedImage:
     """Sniff DICOM vs PNG/JPEG from the bytes (the file name breaks ties) and decode.
 
     DICOM is recognised by its 'DICM' prefix (with or without the preamble) or by a data set
     written without one in any of the three DICOM encodings (``_raw_dataset_encoding``).
-    ``allow_for_processing`` is passed to ``decode_dicom``.
+    ``allow_for_processing`` is passed to ``decode_dicom``; ``max_pixels`` to both decoders.
     """
     head = bytes(data[:132])
     lower = name.lower()
 
     def dicom() -> DecodedImage:
-        return decode_dicom(data, size=size, id_key=id_key, allow_for_processing=allow_for_processing)
+        return decode_dicom(data, size=size, id_key=id_key, allow_for_processing=allow_for_processing,
+                            max_pixels=max_pixels)
+
+    def image() -> DecodedImage:
+        return decode_image(data, size=size, max_pixels=max_pixels)
 
     if head[128:132] == b"DICM" or head[:4] == b"DICM":
         return dicom()
     if head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff"):
-        return decode_image(data, size=size)
+        return image()
     if lower.endswith(_DICOM_SUFFIXES) or _looks_like_raw_dataset(data):
         return dicom()
     if lower.endswith(_IMAGE_SUFFIXES):
-        return decode_image(data, size=size)
+        return image()
     try:
         Image.open(io.BytesIO(bytes(data))).close()
     except Exception:
         return dicom()  # raises not_dicom on unknown bytes
-    return decode_image(data, size=size)
+    return image()
 
 
 def _check_size(size: int | None) -> None:

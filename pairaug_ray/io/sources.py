@@ -228,3 +228,36 @@ def _tree_tables(fs, root: str, storage: StorageConfig) -> tuple[dict, dict]:
         if "metadata" in name and "ViewPosition" in df.columns:
             view_of.update(zip(df["dicom_id"], df["ViewPosition"]))
     return split_of, view_of
+
+
+DEFAULT_SPLIT_FRACTIONS = {"train": 0.8, "validate": 0.1, "test": 0.1}
+
+
+def hash_split(key: str, fractions: dict[str, float] | None = None) -> str:
+    """The split of ``key`` (a patient id) by a SHA-256 hash: the same key always lands in the same
+    split, on any machine, in ``fractions`` proportions (default 80/10/10 train/validate/test)."""
+    import hashlib
+
+    fractions = fractions or DEFAULT_SPLIT_FRACTIONS
+    total = sum(fractions.values())
+    if total <= 0 or any(v < 0 for v in fractions.values()):
+        raise ValueError(f"split fractions must be >= 0 with a positive sum, got {fractions}")
+    u = int.from_bytes(hashlib.sha256(f"pairaug-split\0{key}".encode()).digest()[:8], "big") / 2**64
+    edge = 0.0
+    for name, frac in fractions.items():
+        edge += frac / total
+        if u < edge:
+            return name
+    return list(fractions)[-1]
+
+
+def assign_hash_splits(items: list[dict], fractions: dict[str, float] | None = None) -> int:
+    """Give each item without a split one by ``hash_split`` of its patient id (else study id, else
+    row id), so all studies of a patient share a split. Items that have a split keep it. Returns
+    how many were assigned."""
+    n = 0
+    for it in items:
+        if not it.get("split"):
+            it["split"] = hash_split(it.get("patient_id") or it.get("study_id") or it["row_id"], fractions)
+            n += 1
+    return n

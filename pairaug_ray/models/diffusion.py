@@ -10,13 +10,40 @@ IntraAug editing sample the same way.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
-import diffusers.utils.deprecation_utils
-import numpy as np
-import torch
-from diffusers import StableDiffusionPipeline
+
+def _bind_pil_image_processors() -> None:
+    """Bind transformers' PIL image processors under the names diffusers imports.
+
+    diffusers' Stable Diffusion module imports ``CLIPImageProcessor`` (the safety checker's feature
+    extractor, which this project never loads) and ``SiglipImageProcessor`` (IP-Adapter). In
+    transformers 5 those names are torchvision backends; without torchvision (not a dependency:
+    PyPI torchvision does not import beside the torch this project uses) transformers falls back to
+    the ``...Pil`` classes and warns once per process, i.e. in every Ray worker. Binding the PIL
+    classes first is that same fallback, without the warning.
+    """
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    import transformers
+
+    for name in ("CLIPImageProcessor", "SiglipImageProcessor"):
+        pil = getattr(importlib.import_module("transformers"), f"{name}Pil", None)
+        if pil is not None:
+            # The lazy module may replace itself in sys.modules on first attribute access.
+            setattr(sys.modules.get("transformers", transformers), name, pil)
+
+
+_bind_pil_image_processors()
+
+import diffusers.utils.deprecation_utils  # noqa: E402 (after the binding above)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from pairaug_ray.models.schedulers import ddim_scheduler
 from pairaug_ray.models.uri import TINY_SCHEME, parse_tiny_uri as _parse_tiny
@@ -55,7 +82,10 @@ def truncate_prompt(tokenizer, text: str, max_words: int | None = None) -> str:
     """
     text = " ".join(text.split()[:max_words] if max_words else text.split())
     limit = tokenizer.model_max_length - 2
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # Truncating in the call (one token past the limit tells whether the text is longer) keeps the
+    # tokenizer from warning "Token indices sequence length is longer than the specified maximum".
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                    max_length=limit + 1)
     if len(enc["input_ids"]) <= limit:
         return text
     cut = enc["offset_mapping"][limit][0]

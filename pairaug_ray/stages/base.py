@@ -18,7 +18,8 @@ Usage::
 Every input row comes out exactly once: as >= 1 result rows (fan-out is allowed) or as one error
 row (``status="error"`` with ``error_class``, ``error`` and ``stage``). Rows that arrive with
 ``status="error"`` skip the stage untouched. ``RowStage.__call__`` enforces this; a stage that
-returns the wrong number of entries is a bug and raises.
+returns the wrong number of entries is a bug and raises. ``errors.StorageError`` (object storage
+down after its retries) is no row's fault: it is raised, not turned into error rows.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from pairaug_ray.errors import StageError  # noqa: F401 (stages raise it; re-exported)
+from pairaug_ray.errors import StageError, StorageError  # noqa: F401 (stages raise it; re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,43 @@ ERROR_COLUMNS = ("status", "error_class", "error", "stage")
 TIMING_PREFIX = "_sec_"
 
 
+ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"  # Ray turns accelerator_type=X into this resource
+
+
+@dataclass(frozen=True)
+class PlacementRequirement:
+    """What one actor of a stage's pool needs from the node it lands on (``runtime.check_placement``).
+
+    ``resources``: Ray resources per actor (``CPU``, ``GPU``, custom ones such as ``diffusion_node``;
+    zero amounts left out). ``accelerator_type``: the GPU model (Ray schedules it as the resource
+    ``accelerator_type:<X>``). ``label_selector``: Ray node-label selector (values ``v``, ``!v``,
+    ``in(a,b)``, ``!in(a,b)``). ``min_actors``: actors Ray Data starts before any row flows.
+    """
+
+    stage: str
+    resources: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None
+    label_selector: dict[str, str] = field(default_factory=dict)
+    min_actors: int = 1
+
+    def describe(self) -> str:
+        """``{'CPU': 1.0, 'GPU': 1.0, 'diffusion_node': 1.0}, accelerator A100, labels {...}``"""
+        parts = [str(dict(sorted(self.resources.items())))]
+        if self.accelerator_type:
+            parts.append(f"accelerator_type {self.accelerator_type}")
+        if self.label_selector:
+            parts.append(f"label_selector {dict(sorted(self.label_selector.items()))}")
+        return ", ".join(parts)
+
+
 class StageConfig(BaseModel):
-    """Resources of a stage's actor pool. Every stage config subclasses this."""
+    """Resources and placement of a stage's actor pool. Every stage config subclasses this.
+
+    Placement on a heterogeneous cluster (README "Placement"): the default is a custom resource of
+    the node type, e.g. ``resources: {diffusion_node: 1}`` with ``num_gpus: 1`` (fractions share a
+    GPU); ``accelerator_type`` (``A100``, ``L40S``) and ``label_selector`` (``{"pairaug.io/node-type":
+    "diffusion"}``, Ray's beta label scheduling) are passed to Ray as well when set.
+    """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -54,8 +92,21 @@ class StageConfig(BaseModel):
     max_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    accelerator_type: str | None = None
-    resources: dict[str, float] = Field(default_factory=dict)
+    accelerator_type: str | None = Field(None, description="GPU model the actors need (A100, L40S, ...)")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom resources per actor, e.g. {diffusion_node: 1}")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description='Ray node labels the actors need, e.g. {"pairaug.io/node-type": '
+        '"diffusion"}; values v | !v | in(a,b) | !in(a,b) (beta in Ray 2.60)')
+
+    def placement_requirement(self, stage: str) -> PlacementRequirement:
+        """What one actor of this pool asks of its node, named ``stage`` (e.g. ``augment.generate``)."""
+        res = {"CPU": float(self.num_cpus), "GPU": float(self.num_gpus),
+               **{k: float(v) for k, v in self.resources.items()}}
+        return PlacementRequirement(
+            stage=stage, resources={k: v for k, v in res.items() if v > 0},
+            accelerator_type=self.accelerator_type or None, label_selector=dict(self.label_selector),
+            min_actors=self.min_actors)
 
     def map_batches_kwargs(self, udf: type, **extra: Any) -> dict[str, Any]:
         """Keyword arguments for ``Dataset.map_batches(udf, **kwargs)``."""
@@ -76,8 +127,34 @@ class StageConfig(BaseModel):
             kwargs["accelerator_type"] = self.accelerator_type
         if self.resources:
             kwargs["resources"] = dict(self.resources)
+        if self.label_selector:
+            kwargs["label_selector"] = dict(self.label_selector)
         kwargs.update(extra)
         return kwargs
+
+
+def resolve_device(device: str, num_gpus: float = 0.0) -> str:
+    """The torch device a stage computes on: ``device`` unless it is ``"auto"``.
+
+    ``"auto"`` = ``"cuda"`` when this process was given a GPU (the stage asks for ``num_gpus > 0``,
+    or Ray assigned GPU ids to this worker: ``ray.get_gpu_ids()``) and torch sees CUDA; else
+    ``"cpu"``. So a pool with ``num_gpus: 0.25`` computes on its GPU slice, and one without GPUs
+    stays on CPU even on a GPU node.
+    """
+    if device != "auto":
+        return device
+    got_gpu = num_gpus > 0
+    ray = sys.modules.get("ray")  # only asked when Ray is already imported (always inside a worker)
+    if not got_gpu and ray is not None and ray.is_initialized():
+        try:
+            got_gpu = bool(ray.get_gpu_ids())
+        except Exception:  # noqa: BLE001 - e.g. a client-mode driver: fall back to the config
+            got_gpu = False
+    if not got_gpu:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def error_row(row: dict, stage: str, exc: BaseException) -> dict:
@@ -108,6 +185,8 @@ class RowStage:
     def _process_checked(self, rows: list[dict]) -> list[list[dict] | BaseException]:
         try:
             results = self.process(rows)
+        except StorageError:
+            raise  # storage failed after its retries: no row's fault, so the job stops (a re-run resumes)
         except Exception as batch_exc:  # noqa: BLE001 - isolate the failing rows one by one
             if len(rows) == 1:
                 log.debug("stage %s failed on a row:\n%s", self.name, traceback.format_exc())
@@ -176,7 +255,7 @@ def is_error(batch: pd.DataFrame) -> np.ndarray:
 # Settings that change where and how fast a stage runs, not what it outputs: they do not enter
 # the output fingerprint, so re-running with another pool size or timeout keeps the pair ids.
 RESOURCE_FIELDS = {"batch_size", "min_actors", "max_actors", "num_cpus", "num_gpus",
-                   "accelerator_type", "resources", "device", "dtype", "request_timeout_s",
+                   "accelerator_type", "resources", "label_selector", "device", "dtype", "request_timeout_s",
                    "concurrency", "max_retries", "backoff_s", "backoff_max_s", "api_key_env",
                    "max_variants_per_call", "retry_max_actors", "max_concurrent_batches",
                    "helper_num_cpus", "log_engine_metrics"}

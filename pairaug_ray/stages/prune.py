@@ -8,8 +8,10 @@
   stateless ``map_batches``.
   Per-batch means would make a pair's fate depend on which batch it landed in.
 
-Every row comes out with ``kept`` (bool) and ``prune_reason`` ("" when kept; otherwise e.g.
-"align<thr", "align<mean-m,img<mean-m", "missing_score", "error", "unknown_branch").
+Every row comes out with ``kept`` (bool) and ``prune_reason``: "" when kept; otherwise what failed,
+with the numbers: "score_align 0.120 ≤ threshold 0.300" (InterAug), "score_delta 0.0102 ≤ mean −
+margin 0.0150; score_img 0.7710 ≤ mean − margin 0.7800" (IntraAug: each failed score), "missing
+score_delta", "error row", "unknown branch 'x'". ``reason_kind`` drops the numbers, to count reasons.
 Rows of another branch or error rows are not kept.
 
 Usage:
@@ -20,6 +22,7 @@ Usage:
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -28,9 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from pairaug_ray.vocab import INTRA, SCORE_COLUMNS, SCORE_SHORT, normalize_branches
-
-_SHORT = SCORE_SHORT
+from pairaug_ray.vocab import INTRA, SCORE_COLUMNS, normalize_branches
 
 
 class PruneConfig(BaseModel):
@@ -137,23 +138,37 @@ def apply_prune(batch, means: dict[str, Any] | None, cfg: PruneConfig):
         raise ValueError("IntraAug rows need the global means from intra_means()")
 
     reasons = np.full(n, "", dtype=object)
-    reasons[~inter & ~intra] = "unknown_branch"
-    reasons[is_error] = "error"
-    reasons[missing_inter | missing_intra] = "missing_score"
+    raw_branch = frame["branch"].to_numpy() if "branch" in frame else np.full(n, None, dtype=object)
+    for i in np.flatnonzero(~inter & ~intra):
+        reasons[i] = f"unknown branch {raw_branch[i]!r}"
+    reasons[is_error] = "error row"
+    for i in np.flatnonzero(missing_inter):
+        reasons[i] = "missing score_align"
+    for i in np.flatnonzero(missing_intra):
+        reasons[i] = "missing " + ", ".join(c for c in SCORE_COLUMNS if np.isnan(scores[c][i]))
     inter_ok = inter & ~missing_inter & inter_keep(scores["score_align"], cfg.inter_threshold)
-    reasons[inter & ~missing_inter & ~inter_ok] = "align<thr"
+    for i in np.flatnonzero(inter & ~missing_inter & ~inter_ok):  # only the pruned rows get a reason
+        reasons[i] = f"score_align {scores['score_align'][i]:.3f} ≤ threshold {cfg.inter_threshold:.3f}"
     intra_ok = np.zeros(n, dtype=bool)
     if scored_intra.any():
         intra_ok = scored_intra & intra_keep(scores, means, cfg.intra_margin)
-        for i in np.flatnonzero(scored_intra & ~intra_ok):  # only the pruned rows get a reason
-            reasons[i] = ",".join(f"{_SHORT[c]}<mean-m" for c in SCORE_COLUMNS
-                                  if not scores[c][i] > means[c] - cfg.intra_margin)
+        for i in np.flatnonzero(scored_intra & ~intra_ok):
+            reasons[i] = "; ".join(f"{c} {scores[c][i]:.4f} ≤ mean − margin {means[c] - cfg.intra_margin:.4f}"
+                                   for c in SCORE_COLUMNS if not scores[c][i] > means[c] - cfg.intra_margin)
     kept = inter_ok | intra_ok
     frame["kept"] = kept
     frame["prune_reason"] = reasons.astype(str)
     if as_dict:
         return {col: frame[col].to_numpy() for col in frame.columns}
     return frame
+
+
+_NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?(?:e-?\d+)?")
+
+
+def reason_kind(reason: str) -> str:
+    """A prune reason without its numbers ("score_align ≤ threshold"), to count reasons."""
+    return _NUMBER.sub("", str(reason or "")).strip()
 
 
 def prune_dataset(ds, cfg: PruneConfig):

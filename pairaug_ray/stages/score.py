@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pairaug_ray.stages.base import RowStage, StageConfig, StageError
+from pairaug_ray.stages.base import RowStage, StageConfig, StageError, resolve_device
 from pairaug_ray.vocab import INTER, INTRA, SCORE_COLUMNS, normalize_branch  # noqa: F401 (re-exported)
 
 BRANCH_INTER, BRANCH_INTRA = INTER, INTRA
@@ -41,7 +41,7 @@ class ScoreConfig(StageConfig):
     model: str = "tiny://vlp?seed=0"      # load_vlp URI: a saved folder or tiny://vlp?seed=N
     image_size: int | None = None           # decode → resize to this; None = the model's input size
     reference_image_column: str = "source_image_png"
-    device: str = "cpu"                     # "cuda" on GPU nodes
+    device: str = "auto"                    # auto = cuda when the actor got a GPU (num_gpus > 0), else cpu
 
 
 def branch_of(row: dict) -> str:
@@ -107,7 +107,8 @@ class ScoreStage(RowStage):
         super().__init__(config)
         from pairaug_ray.models.vlp import load_vlp
 
-        self.model = load_vlp(config.model, device=config.device)
+        self.device = resolve_device(config.device, config.num_gpus)
+        self.model = load_vlp(config.model, device=self.device)
         self.image_size = config.image_size or self.model.config.image_size
 
     def _pixels(self, data) -> torch.Tensor:

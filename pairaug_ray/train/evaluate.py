@@ -28,6 +28,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from pairaug_ray.console import SEP, StepProgress
 from pairaug_ray.labeler import OBSERVATIONS
 from pairaug_ray.io.store import StorageConfig, Store
 
@@ -215,6 +216,7 @@ def run_evaluate(models: str | Sequence[str], studies: str, out: str, *, split: 
     curves = {}
     loaded = {}
     test_data = train_data = None
+    bar = StepProgress("evaluate", total=len(named), unit="models", every_s=None)
     for name, uri in named:
         model = load_vlp(uri)
         if test_data is None:  # read once, at the first model's size (preprocess resizes for others)
@@ -227,6 +229,10 @@ def run_evaluate(models: str | Sequence[str], studies: str, out: str, *, split: 
         results["templates"] = zs["templates"]
         results["n_images"] = zs["n_images"]
         loaded[name] = model
+        bar.update(1)
+        bar.emit(f"{name}: zero-shot mean AUC {zs['mean_auc']:.3f}{SEP}{zs['n_images']} images of {split}"
+                 if zs.get("mean_auc") is not None else f"{name}: no AUC (a class without both labels?)")
+    bar.close()
     if finetune_fractions:  # every model and fraction in one Ray Train run
         from pairaug_ray.train.finetune import finetune_models
 

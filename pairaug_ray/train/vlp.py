@@ -40,6 +40,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from pairaug_ray.console import SEP, StepProgress
 from pairaug_ray.io.store import StorageConfig, Store, split_protocol
 from pairaug_ray.models.vlp import clip_loss, gather_features, load_vlp, save_vlp
 from pairaug_ray.train.data import SOURCES
@@ -258,6 +259,9 @@ def _train_loop(loop_config: dict) -> None:
         local_metrics = open(Store(run_uri, storage).path(METRICS_FILE), "a")
     shard = ray.train.get_dataset_shard("train")
     local_batch = cfg.batch_size // world
+    # One line per report, from rank 0 only: the driver shows each worker's stderr once.
+    bar = StepProgress(f"train {cfg.name}", total=end, unit="steps", every_s=None, initial=start,
+                       interactive=False) if rank == 0 else None
     step, t_prev, run_samples, run_time = start, None, 0, 0.0
     metrics = {"step": start, "resumed_from_step": start}
     for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy", prefetch_batches=2):
@@ -298,9 +302,9 @@ def _train_loop(loop_config: dict) -> None:
                 local_metrics.flush()
         # Every rank reports at the same steps: a report is a collective across the workers.
         report = step % cfg.report_every == 0
-        if rank == 0 and (report or step == end):
-            print(f"[train {cfg.name}] step {step}/{end} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                  f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+        if bar is not None and (report or step == end):
+            bar.update(step - bar.done)
+            bar.emit(f"loss {metrics['loss']:.4f}{SEP}lr {lr:.2e}{SEP}{metrics['samples_per_s']:.1f} samples/s")
         if step % cfg.checkpoint_every == 0 or step == end:
             save_checkpoint(step, metrics)
         elif report:

@@ -133,10 +133,20 @@ def test_kill_and_resume_matches_clean_run(studies, clean_run, tmp_path):
 def test_changed_output_settings_refuse_the_same_folder(studies, clean_run):
     out, manifest = clean_run
     before = sorted(_ids(Store(out), S.CANDIDATES_DIR))
-    with pytest.raises(ValueError, match="output settings .* changed"):
+    with pytest.raises(ValueError, match="other output settings") as err:
         run_augment(_cfg(studies, out, "augment.generate.steps=3"))
+    assert "augment.generate.steps: 2 → 3" in str(err.value)
     assert sorted(_ids(Store(out), S.CANDIDATES_DIR)) == before
     assert Store(out).read_json(S.RUN_FILE)["config_fingerprint"] == manifest["config_fingerprint"]
+
+
+def test_manifest_has_pool_sizes_wall_and_busy_seconds_per_stage(clean_run):
+    _, manifest = clean_run
+    figs = manifest["stage_throughput"]
+    assert set(figs) == {"rewrite", "generate", "edit", "score", "write"}
+    for name, fig in figs.items():
+        assert fig["min_actors"] == 1 and fig["max_actors"] >= 1, name
+        assert fig["busy_seconds"] > 0 and fig["wall_seconds"] > 0, (name, fig)
 
 
 def test_augment_to_s3(studies, s3_bucket):
@@ -168,6 +178,22 @@ def test_every_row_failing_ends_with_a_manifest_and_a_nonzero_exit(studies, tmp_
     assert all(b["candidates"] == 0 for b in manifest["branches"].values())
     assert len(store.read_column(S.QUARANTINE_DIR, "row_id")) == planned
     assert store.read_table(S.CANDIDATES_DIR) is None
+    assert not store.exists(S.RUN_FILE)          # no candidate, no claim (issue 14.6)
+
+
+def test_a_failed_first_run_leaves_the_folder_to_the_corrected_command(studies, tmp_path, capsys):
+    """A typo'd backend stops before any Ray work and writes nothing; the corrected command runs in
+    the same folder. (A run whose every row failed writes no claim either: the test above; a folder
+    holding another run's manifest but no candidate is free: tests/unit/test_driver_checks.py.)"""
+    out = str(tmp_path / "aug")
+    small = [*FAST, "augment.limit=1", "augment.intra_variants=0"]
+    assert cli_main(["augment", "--config", DEMO, "--studies", studies, "--out", out, *small,
+                     "augment.rewrite.backend=rulle"]) == 2
+    assert "unknown rewrite backend 'rulle'" in capsys.readouterr().err
+    assert cli_main(["augment", "--config", DEMO, "--studies", studies, "--out", out, *small]) == 0
+    manifest = Store(out).read_json(S.MANIFEST_FILE)
+    assert manifest["branches"]["inter"]["candidates"] == 1
+    assert Store(out).read_json(S.RUN_FILE)["config_fingerprint"] == manifest["config_fingerprint"]
 
 
 def test_demo_runs_small(tmp_path, capsys):

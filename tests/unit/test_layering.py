@@ -7,7 +7,7 @@ Layers, from the bottom up (a module may import its own layer and the layers bel
 0. errors, schema, vocab, io/
 1. labeler, phantom/, models/, llm/
 2. stages/
-3. runtime
+3. runtime, console, checks
 4. pipeline, estimate, run_report, train/, serve/
 5. config
 6. cli
@@ -28,7 +28,7 @@ LAYERS = [
     ("errors", "schema", "vocab", "io", ""),     # "" = the package's own __init__ (version only)
     ("labeler", "phantom", "models", "llm"),
     ("stages",),
-    ("runtime",),
+    ("runtime", "console", "checks"),
     ("pipeline", "estimate", "run_report", "train", "serve"),
     ("config",),
     ("cli",),

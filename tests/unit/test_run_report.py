@@ -5,12 +5,13 @@ import os
 import re
 
 import numpy as np
+import pytest
 import pyarrow as pa
 from PIL import Image
 
 from pairaug_ray import schema as S
 from pairaug_ray.io.store import StorageConfig, Store
-from pairaug_ray.run_report import write_report
+from pairaug_ray.run_report import describe_change, write_report
 
 
 def png16(seed: int, size: int = 48) -> bytes:
@@ -32,11 +33,15 @@ def studies_table() -> pa.Table:
     return pa.Table.from_pylist(rows, schema=S.STUDY_SCHEMA)
 
 
+# What llm/validation.finding_change stores: {observation: [before, after]}, [state, severity, side].
+CHANGE = '{"Edema": [[1, "mild", null], [0, null, null]], "Pleural Effusion": [null, [1, "moderate", "left"]]}'
+
+
 def cand(src: int, branch: str, variant: int, align, delta=None, img=None, kept=None, reason=None):
     return dict(row_id=f"{branch}{src}{variant}", pair_id=f"{branch}{src}{variant}", branch=branch,
                 variant=variant, seed=variant, source_row_id=f"r{src}", study_id=f"s{src}",
                 patient_id=f"p{src}", split="train", view_position="PA",
-                report=f"Study {src} report", change='{"Edema": [0, 1]}',
+                report=f"Study {src} report", change=CHANGE,
                 rewritten_report=f"{branch} v{variant} of {src}: new <b>edema</b> & effusion",
                 labels="{}", findings="{}", image_png=png16(100 + src * 10 + variant),
                 source_image_png=png16(500 + src) if branch == "intra" else None,
@@ -96,6 +101,9 @@ def test_report_both_branches(tmp_path):
     assert re.search(r'id="counts-intra"><td>IntraAug</td><td>3</td><td>2</td><td>1</td>', page)
     assert page.count('class="badge pruned"') == 2
     assert "align&lt;mean-m,delta&lt;mean-m" in page
+    # The requested change in words, not JSON.
+    assert "change: Edema: mild → none; Pleural Effusion: not mentioned → moderate, left" in page
+    assert "[[1," not in page
     assert "tiny://clip" in page  # the scorer is in the provenance table (score_model column)
     # Thresholds: the given InterAug one, IntraAug mean - margin from the candidates.
     assert "<td>0.250</td>" in page
@@ -125,7 +133,7 @@ def test_only_inter_and_unpruned_candidates(tmp_path):
     page = (tmp_path / "run" / "report.html").read_text()
     assert "IntraAug: no candidates" in page and "report/hist_intra.png" not in page
     assert re.search(r'id="counts-inter"><td>InterAug</td><td>3</td><td>1</td><td>2</td>', page)
-    assert "align&lt;thr" in page and "missing_score" in page
+    assert "score_align 0.200 ≤ threshold 0.300" in page and "missing score_align" in page
     assert "Study 1 report: &lt;b&gt;heart" in page
     assert_images_exist(tmp_path / "run", page)
     assert "no quarantine table" in page
@@ -152,3 +160,36 @@ def test_report_on_s3(s3_bucket):
     assert len(srcs) == 6  # 2 histograms, original, inter, intra, p2p reference
     for src in srcs:
         assert store.read_bytes(src)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pruned_reasons_come_from_the_rules_when_pairs_exist(tmp_path):
+    """The pipeline writes candidates before pruning (kept null) and the kept ones to pairs: the
+    report names why each other one was pruned, with its score and the cutoff."""
+    store = Store(str(tmp_path / "run"))
+    store.write_table(S.STUDIES_DIR, studies_table(), "part-0")
+    rows = [cand(0, "inter", 0, 0.40), cand(0, "inter", 1, 0.12),
+            cand(1, "intra", 0, 0.50, 0.20, 0.90), cand(1, "intra", 1, 0.30, 0.10, 0.95)]
+    store.write_table(S.CANDIDATES_DIR, pa.Table.from_pylist(rows, schema=S.PAIR_SCHEMA), "part-0")
+    kept = [dict(r, kept=True, prune_reason="") for r in rows if r["pair_id"] in ("inter00", "intra10")]
+    store.write_table(S.PAIRS_DIR, pa.Table.from_pylist(kept, schema=S.PAIR_SCHEMA), "part-0")
+    means = {"score_align": 0.4, "score_delta": 0.15, "score_img": 0.925}
+    write_report(store, inter_threshold=0.2, intra_margin=0.003, intra_means=means)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "not in pairs" not in page
+    assert "score_align 0.120 ≤ threshold 0.200" in page
+    assert "score_align 0.3000 ≤ mean − margin 0.3970; score_delta 0.1000 ≤ mean − margin 0.1470" in page
+    # The summary counts reasons by kind (numbers dropped).
+    assert "score_align ≤ threshold ×1" in page
+    assert re.search(r'id="counts-inter"><td>InterAug</td><td>2</td><td>1</td><td>1</td>', page)
+
+
+@pytest.mark.parametrize("change,words", [
+    ('{"Edema": [[1, "mild", null], [0, null, null]]}', ["Edema: mild → none"]),
+    ('{"Pleural Effusion": [[0, null, null], [1, "moderate", "left"]]}',
+     ["Pleural Effusion: none → moderate, left"]),
+    ('{"Pneumothorax": [null, [-1, null, "right"]], "Cardiomegaly": [[1, null, null], [1, "severe", null]]}',
+     ["Cardiomegaly: present → severe", "Pneumothorax: not mentioned → possible, right"]),
+    ("{}", []), (None, []), ("free text", ["free text"]),
+])
+def test_describe_change(change, words):
+    assert describe_change(change) == words

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pairaug_ray.stages.prune import (PruneConfig, apply_prune, inter_keep, intra_keep,
-                                      intra_means, prune_dataset)
+                                      intra_means, prune_dataset, reason_kind)
 from pairaug_ray.stages.score import ScoreConfig, ScoreStage, decode_png_bytes
 
 
@@ -150,9 +150,10 @@ def _batches() -> list[pd.DataFrame]:
 
 
 EXPECTED = {  # hand-computed with global means 0.5 / 0.5 / 0.5, margin 0.003, threshold 0.3
-    "a1": (True, ""), "a2": (True, ""), "a3": (True, ""), "a4": (False, "error"),
-    "b1": (False, "align<mean-m,delta<mean-m"), "b2": (False, "align<mean-m,img<mean-m"),
-    "b3": (False, "align<thr"),
+    "a1": (True, ""), "a2": (True, ""), "a3": (True, ""), "a4": (False, "error row"),
+    "b1": (False, "score_align 0.1000 ≤ mean − margin 0.4970; score_delta 0.3000 ≤ mean − margin 0.4970"),
+    "b2": (False, "score_align 0.2000 ≤ mean − margin 0.4970; score_img 0.4000 ≤ mean − margin 0.4970"),
+    "b3": (False, "score_align 0.250 ≤ threshold 0.300"),
 }
 
 
@@ -180,8 +181,19 @@ def test_apply_prune_accepts_numpy_batches():
     batch = {c: _batches()[1][c].to_numpy() for c in _batches()[1].columns}
     out = apply_prune(batch, {"score_align": 0.5, "score_delta": 0.5, "score_img": 0.5}, cfg)
     assert isinstance(out, dict) and out["kept"].tolist() == [False, False, False]
-    assert out["prune_reason"].tolist() == ["align<mean-m,delta<mean-m", "align<mean-m,img<mean-m",
-                                            "align<thr"]
+    assert out["prune_reason"].tolist() == [EXPECTED["b1"][1], EXPECTED["b2"][1], EXPECTED["b3"][1]]
+
+
+def test_prune_reasons_say_what_failed():
+    cfg = PruneConfig(inter_threshold=0.2)
+    frame = pd.DataFrame({"pair_id": ["x", "y", "z"], "branch": ["inter", "intra", "other"],
+                          "status": ["ok", "ok", "ok"], "score_align": [0.12, 0.5, 0.9],
+                          "score_delta": [np.nan, np.nan, 0.1], "score_img": [np.nan, 0.5, 0.1]})
+    out = apply_prune(frame, {"score_align": 0.5, "score_delta": 0.5, "score_img": 0.5}, cfg)
+    assert out["prune_reason"].tolist() == ["score_align 0.120 ≤ threshold 0.200", "missing score_delta",
+                                            "unknown branch 'other'"]
+    assert reason_kind("score_align 0.120 ≤ threshold 0.200") == "score_align ≤ threshold"
+    assert reason_kind(EXPECTED["b1"][1]) == "score_align ≤ mean − margin; score_delta ≤ mean − margin"
 
 
 @pytest.mark.ray
