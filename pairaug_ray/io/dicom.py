@@ -95,9 +95,13 @@ class DecodedImage:
                 f"study_pid={self.study_pid!r}, presentation_intent={self.presentation_intent!r})")
 
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-f]+>")
+
+
 def _describe(e: Exception) -> str:
     """An exception as text without the header values pydicom quotes in its messages (PHI)."""
-    return f"{type(e).__name__}: {_QUOTED.sub('<value>', str(e))}"[:300]
+    text = _OBJECT_REPR.sub("", _QUOTED.sub("<value>", str(e)))   # no "<_io.BytesIO object at 0x..>"
+    return f"{type(e).__name__}: {text}"[:300]
 
 
 @contextlib.contextmanager

@@ -174,7 +174,8 @@ def plot_auc_bars(results: dict) -> bytes:
         auc = np.array([per[c]["auc"] if per[c]["auc"] is not None else np.nan for c in classes])
         lo = np.array([per[c]["ci_low"] if per[c]["ci_low"] is not None else np.nan for c in classes])
         hi = np.array([per[c]["ci_high"] if per[c]["ci_high"] is not None else np.nan for c in classes])
-        err = np.vstack([np.nan_to_num(auc - lo), np.nan_to_num(hi - auc)])
+        # a bootstrap CI of a small set can exclude its own point estimate: clip, never negative
+        err = np.clip(np.vstack([np.nan_to_num(auc - lo), np.nan_to_num(hi - auc)]), 0.0, None)
         xs = x + (k - (len(names) - 1) / 2) * width
         ax.bar(xs, np.nan_to_num(auc), width, yerr=err, capsize=2, label=n, error_kw={"linewidth": 0.7})
         for xi in xs[np.isnan(auc)]:
