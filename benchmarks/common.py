@@ -64,8 +64,20 @@ def make_studies(cfg) -> int:
     return have
 
 
-def run_pipeline(cfg, out: str) -> dict:
-    """This project's Ray Data pipeline (``run_augment``) into ``out``; wall time and pairs/s."""
+def ids_digest(ids) -> str:
+    """12 hex characters naming a set of pair ids (order-free): equal digests = the same set."""
+    from pairaug_ray.io.store import content_hash
+
+    return content_hash(sorted(ids), n=12)
+
+
+def run_pipeline(cfg, out: str, rerun: bool = False) -> dict:
+    """This project's Ray Data pipeline (``run_augment``) into ``out``: wall time, pairs/s, the
+    manifest's seconds (``to_first_candidate``, ``prune``, ``fixed`` = the two summed), the prune
+    pass, digests of the candidate and kept pair ids; ``rerun`` = run the finished job again and
+    time it (``rerun_seconds``: nothing to do, so no pool should start)."""
+    from pairaug_ray import schema as S
+    from pairaug_ray.io.store import Store
     from pairaug_ray.pipeline import run_augment
 
     cfg = cfg.model_copy(deep=True)
@@ -74,9 +86,19 @@ def run_pipeline(cfg, out: str) -> dict:
     manifest = run_augment(cfg)
     wall = time.perf_counter() - t0
     cands = sum(b["candidates"] for b in manifest["branches"].values())
-    return {"candidates": cands, "kept": manifest["pairs_total"], "seconds": round(wall, 2),
-            "pairs_per_s": cands / wall, "stage_throughput": manifest["stage_throughput"],
-            "manifest_seconds": manifest["seconds"]}
+    store = Store(out, cfg.storage)
+    result = {"profile": manifest.get("profile", {}).get("name", "cluster"), "candidates": cands,
+              "kept": manifest["pairs_total"], "seconds": round(wall, 2), "pairs_per_s": cands / wall,
+              "stage_throughput": manifest["stage_throughput"], "manifest_seconds": manifest["seconds"],
+              "prune_pass": manifest.get("prune_pass"),
+              "candidate_ids": ids_digest(store.read_column(S.CANDIDATES_DIR, "pair_id")),
+              "kept_ids": ids_digest(store.read_column(S.PAIRS_DIR, "pair_id"))}
+    if rerun:
+        t0 = time.perf_counter()
+        again = run_augment(cfg)
+        result["rerun_seconds"] = round(time.perf_counter() - t0, 2)
+        result["rerun_rows"] = again["this_run_rows"]
+    return result
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -86,10 +108,12 @@ def run_reference(cfg, out: str, threads: int | None = None) -> dict:
 
     For each study: plan its candidates (the same ids and seeds as the pipeline), rewrite each one
     (rule backend, one request per call), draw each InterAug image (one pipeline call per image),
-    edit each IntraAug variant with its own prompt-to-prompt call (source + target, CFG), score
-    each pair alone, and write a PNG + a .txt per pair; then prune with the same rules. Models are
-    loaded once, as the reference scripts do. ``threads``: torch intra-op threads (None = torch's
-    default, one per core).
+    edit each IntraAug variant with its own prompt-to-prompt call (the pipeline's ``EditStage``
+    with the job's edit settings, one row per call: with ``edit.source: real`` a study's image is
+    inverted once and kept for its other variants, as the pipeline's actors do), score each pair
+    alone, and write a PNG + a .txt per pair; then prune with the same rules. Models are loaded
+    once, as the reference scripts do. ``threads``: torch intra-op threads (None = torch's default,
+    one per core).
     """
     import torch
 
@@ -109,13 +133,11 @@ def _reference(cfg, out: str) -> dict:
 
     from pairaug_ray import schema as S
     from pairaug_ray.config import output_fingerprint
-    from pairaug_ray.stages.edit import p2p_settings
     from pairaug_ray.io.dicom import encode_png
     from pairaug_ray.io.store import Store
-    from pairaug_ray.models.diffusion import load_sd_pipeline
-    from pairaug_ray.models.p2p import p2p_edit_many
     from pairaug_ray.pipeline import PLAN_COLUMNS, plan_candidates
-    from pairaug_ray.stages.generate import ImageGenerator, truncate_prompt
+    from pairaug_ray.stages.edit import EditStage
+    from pairaug_ray.stages.generate import ImageGenerator
     from pairaug_ray.stages.prune import apply_prune, intra_means
     from pairaug_ray.stages.rewrite import RewriteStage
     from pairaug_ray.stages.score import SCORE_COLUMNS, ScoreStage
@@ -130,8 +152,9 @@ def _reference(cfg, out: str) -> dict:
 
     rewriter = RewriteStage(acfg.rewrite)
     generator = ImageGenerator(acfg.generate)
-    ecfg = acfg.edit
-    edit_pipe = load_sd_pipeline(ecfg.model, dtype=ecfg.dtype)
+    # the pipeline's edit stage with the job's settings (the study images from the studies table),
+    # one row per call
+    editor = EditStage(acfg.edit.model_copy(update={"studies": acfg.studies, "storage": cfg.storage}))
     scorer = ScoreStage(acfg.score)
     os.makedirs(out, exist_ok=True)
     scored: list[dict] = []
@@ -149,12 +172,11 @@ def _reference(cfg, out: str) -> dict:
                 image = generator.generate([row["rewritten_report"]], [int(row["seed"])])[0]
                 row["image_png"] = encode_png(image, bits=acfg.generate.png_bits)
             else:
-                (source, edited), = p2p_edit_many(
-                    edit_pipe, [(truncate_prompt(edit_pipe.tokenizer, row["report"]),
-                                 truncate_prompt(edit_pipe.tokenizer, row["rewritten_report"]), int(row["seed"]))],
-                    p2p_settings(ecfg))
-                row["image_png"] = encode_png(edited, bits=ecfg.png_bits)
-                row["source_image_png"] = encode_png(source, bits=ecfg.png_bits)
+                res = editor.process([row])[0]
+                if isinstance(res, BaseException):
+                    errors += 1
+                    continue
+                row = res[0]
             res = scorer.process([row])[0]
             if isinstance(res, BaseException):
                 errors += 1
@@ -172,7 +194,9 @@ def _reference(cfg, out: str) -> dict:
         f.write("\n".join(pruned.loc[pruned["kept"], "pair_id"]))
     wall = time.perf_counter() - t0
     return {"candidates": len(scored), "kept": int(pruned["kept"].sum()), "errors": errors,
-            "seconds": round(wall, 2), "pairs_per_s": len(scored) / wall}
+            "seconds": round(wall, 2), "pairs_per_s": len(scored) / wall,
+            "candidate_ids": ids_digest(frame["pair_id"] if len(frame) else []),
+            "kept_ids": ids_digest(pruned.loc[pruned["kept"], "pair_id"] if len(frame) else [])}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -289,3 +313,45 @@ def init_ray(num_cpus: int | None) -> None:
 
 def emit(obj: dict) -> None:
     print(json.dumps(obj, default=str), flush=True)
+
+
+# ----------------------------------------------------------------------------- another source tree
+
+_TREE_SCRIPT = r"""
+import json, os, sys, time
+tree, overrides, num_cpus = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, tree)
+import ray
+ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+from ray.data import DataContext
+DataContext.get_current().enable_progress_bars = False
+from pairaug_ray.config import load_config
+from pairaug_ray.pipeline import run_augment
+cfg = load_config(os.path.join(tree, "jobs", "configs", "demo.yaml"), overrides)
+t0 = time.perf_counter()
+m = run_augment(cfg)
+wall = time.perf_counter() - t0
+cands = sum(b["candidates"] for b in m["branches"].values())
+print("RESULT " + json.dumps({"candidates": cands, "kept": m["pairs_total"], "seconds": round(wall, 2),
+                              "pairs_per_s": cands / wall, "manifest_seconds": m["seconds"]}))
+"""
+
+
+def run_pipeline_in_tree(tree: str, studies: str, out: str, overrides: list[str] | None = None,
+                         num_cpus: int = 2, timeout_s: float = 3600) -> dict:
+    """``run_augment`` of the source tree ``tree`` (e.g. ``git archive HEAD`` unpacked: the code
+    before a change) with that tree's demo.yaml on the ``studies`` folder, into ``out``, in a
+    subprocess with its own local Ray cluster of ``num_cpus`` (started before the clock, as in
+    ``run_pipeline``); ``PYTHONPATH=tree`` so its Ray workers run that tree's code too.
+    ``overrides``: extra config overrides that tree knows. Raises ``RuntimeError`` when it fails."""
+    import subprocess
+    import sys
+
+    overrides = [f"augment.studies={studies}", f"augment.out={out}", *BASE_OVERRIDES, *(overrides or [])]
+    env = {**os.environ, "PYTHONPATH": tree, "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, "-c", _TREE_SCRIPT, tree, json.dumps(overrides), str(num_cpus)],
+                          env=env, capture_output=True, text=True, timeout=timeout_s, cwd=tree)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {"profile": f"tree:{os.path.basename(tree.rstrip('/'))}", **json.loads(line[7:])}
+    raise RuntimeError(f"run_augment in {tree} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

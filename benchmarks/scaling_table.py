@@ -6,7 +6,8 @@ Usage::
     python benchmarks/scaling_table.py                                  # 16 studies, the grid below
     python benchmarks/scaling_table.py --studies 32 --grid generate=1,2 --grid edit=1,2,3
 
-Each point runs ``pipeline.run_augment`` on the same studies with the named stages' pools fixed to
+Each point runs ``pipeline.run_augment`` (``augment.profile=cluster``: a pool per stage) on the
+same studies with the named stages' pools fixed to
 the given sizes (``min_actors = max_actors``; the other stages keep the config's). Every pool's
 ``num_cpus`` is scaled so the pools always fit the cluster (``--num-cpus``): on a small machine
 more actors share the same cores, which is exactly what the table shows. The bottleneck is the
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="pairaug-scale-") as tmp:
         work = args.workdir or tmp
+        # per-stage pools are the cluster profile's (the demo config runs the local profile)
+        args.overrides = ["augment.profile=cluster", *args.overrides]
         cfg = bench_config(work, args.studies, args.overrides)
         init_ray(args.num_cpus)
         make_studies(cfg)

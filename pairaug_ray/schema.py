@@ -73,7 +73,8 @@ PAIR_FIELDS = [
     ("labels", pa.string()),            # labeler's reading of rewritten_report ({obs: state} JSON)
     ("findings", pa.string()),
     ("image_png", pa.binary()),         # the pair's image (generated or edited)
-    ("source_image_png", pa.binary()),  # intra: the generation of the source report (p2p reference)
+    ("source_image_png", pa.binary()),  # intra: the p2p source branch: the reconstruction of the study
+                                        # image (edit_source real) or a generation of the source report (noise)
     ("score_align", pa.float64()),      # cos(new image, new text)
     ("score_delta", pa.float64()),      # intra: cos(Δimage, Δtext)
     ("score_img", pa.float64()),        # intra: cos(new image, source image)
@@ -86,6 +87,14 @@ PAIR_FIELDS = [
     ("score_model", pa.string()),
     ("config_fingerprint", pa.string()),
     ("code_version", pa.string()),
+    # added with real-image IntraAug and counted UNet work (stages/edit.py, stages/generate.py)
+    ("edit_source", pa.string()),       # intra: "real" (the study image, inverted) | "noise" (the reference)
+    ("sampler", pa.string()),           # the diffusers sampler that drew / edited the image (models/schedulers.py)
+    ("unet_sample_steps", pa.float64()),  # UNet sample-steps counted for this row (CFG = 2 per sample and
+                                          # step; its share of a shared source branch and inversion)
+    ("inversion_method", pa.string()),  # intra real: direct | negative_prompt | null_text | ddim
+    ("inversion_psnr", pa.float64()),   # intra real: dB, the study's reconstruction vs its real image
+    ("inversion_sample_steps", pa.float64()),  # intra real: this row's share of its study's inversion
 ]
 PAIR_SCHEMA = pa.schema(PAIR_FIELDS)
 PAIR_COLUMNS = [name for name, _ in PAIR_FIELDS]

@@ -7,11 +7,15 @@ Usage::
     source, targets = p2p_edit(pipe, "small left pleural effusion",
                                ["large left pleural effusion"], steps=75, seed=7)   # one shared latent
     pairs = p2p_edit_variants(pipe, report, [(rewrite_a, seed_a), (rewrite_b, seed_b)])  # one report
+    invs = invert_images(pipe, [image], [report], InversionSettings(steps=10, sampler="dpm++"))
+    pairs = p2p_edit_real(pipe, invs, [(0, rewrite_a), (0, rewrite_b)],
+                          P2PSettings(steps=10, sampler="dpm++"))    # the patient's image, edited
 
 How it works
 ------------
 The source prompt (the original report) and the target prompt (a rewritten report) are denoised
-together from the SAME initial latent with DDIM and classifier-free guidance. While they are, a
+together from the SAME initial latent with the chosen sampler (DDIM by default, as the reference)
+and classifier-free guidance. While they are, a
 custom attention processor (``P2PAttnProcessor``, installed on every ``Attention`` layer of the
 UNet with ``unet.set_attn_processor`` and always restored by ``attention_control``) rewrites the
 target's attention probabilities from the source's:
@@ -35,9 +39,20 @@ variants share one seed (``p2p_edit``), 2N with N distinct seeds (``p2p_edit_var
 full UNet batch is ``[uncond half, cond half]``. Every edit only reads its own source, so a
 variant's result does not depend on the other variants in the batch (up to float rounding).
 
-As in the reference, the source image is a generation from noise (not an inversion of a real
-image). The scheduler must be deterministic per sample (DDIM with eta=0, the pipeline's default
-for ``tiny://`` models), otherwise sources and targets would not share their noise.
+Sources: from noise (as the reference: ``p2p_edit_many`` & co.; the source image is a generation
+of the source report, not the patient) or from a real image (``p2p_edit_real``): the study image
+inverted once (``inversion.invert_images``) and kept on its inverted trajectory by the inversion
+method (direct / negative-prompt / null-text, see ``models/inversion.py``). A real source is shared
+by all variants of its study: the batch per CFG half is ``[one source per study] + [targets]``.
+
+Samplers: ``P2PSettings.sampler`` names a diffusers scheduler (``schedulers.SAMPLERS``: ddim,
+dpm++, unipc, euler; all deterministic, one UNet call per step, so sources and targets share their
+noise). ``cross_replace`` / ``self_replace`` are fractions of the chosen sampler's steps (step
+``i`` of ``n`` is controlled while ``i < int(n * fraction)``). A ``guidance_scale`` <= 1 means no
+classifier-free guidance (conditional samples only), as in diffusers pipelines.
+
+UNet work: every run counts its UNet calls (``schedulers.count_unet``) and, when given a ``work``
+list, apportions the count to the edits: a target's own samples plus an equal share of its source's.
 """
 
 from __future__ import annotations
@@ -52,6 +67,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+
+from pairaug_ray.models.inversion import Inversion, decode_gray, encode_text, tokenize
+from pairaug_ray.models.schedulers import check_sampler, count_unet, make_scheduler
 
 EDITS = ("refine", "replace")
 
@@ -207,6 +225,23 @@ class P2PController:
         self.self_replace_max_tokens = self_replace_max_tokens
         self.local_blend = local_blend
         self.cur_step = 0
+        self.src_pos: torch.Tensor | None = None  # rows of the UNet batch holding the conditional
+        self.tgt_pos: torch.Tensor | None = None  # sources / targets (None: [uncond half, cond half])
+
+    def set_layout(self, src_pos: Sequence[int], tgt_pos: Sequence[int]) -> None:
+        """Where the conditional sources and targets sit in the UNet batch (their rows, in order),
+        when the batch is not ``[uncond (S + T), cond (S + T)]`` (no CFG, or sources without an
+        unconditional half)."""
+        self.src_pos = torch.as_tensor(list(src_pos), dtype=torch.long)
+        self.tgt_pos = torch.as_tensor(list(tgt_pos), dtype=torch.long)
+
+    def _layout(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.src_pos is None:
+            half = batch // 2
+            src = half + torch.arange(self.num_sources)
+            tgt = half + self.num_sources + torch.arange(self.num_targets)
+            return src.to(device), tgt.to(device)
+        return self.src_pos.to(device), self.tgt_pos.to(device)
 
     def wants_probs(self, is_cross: bool, num_queries: int) -> bool:
         """Whether this layer needs explicit attention probabilities at the current step."""
@@ -218,23 +253,22 @@ class P2PController:
         return self.cur_step < self.self_steps and num_queries <= self.self_replace_max_tokens
 
     def edit(self, probs: torch.Tensor, is_cross: bool, heads: int) -> torch.Tensor:
-        """``probs`` [2 * M * heads, Q, K] (uncond half, cond half) -> edited, same shape."""
+        """``probs`` [B * heads, Q, K] -> edited in place, same shape. By default the batch is
+        ``[uncond half, cond half]``, each ``[sources, targets]``; ``set_layout`` says otherwise."""
         q, k = probs.shape[-2:]
-        m = probs.shape[0] // (2 * heads)
-        p = probs.view(2, m, heads, q, k)
-        cond = p[1]
-        s = self.num_sources
-        src_idx = self.target_sources.to(probs.device)
+        p = probs.view(-1, heads, q, k)
+        src_pos, tgt_pos = self._layout(p.shape[0], probs.device)
+        src_of_tgt = src_pos[self.target_sources.to(probs.device)]
         if is_cross and self.local_blend is not None and q <= self.local_blend.max_tokens:
-            self.local_blend.store(cond.mean(1))
+            self.local_blend.store(p[torch.cat([src_pos, tgt_pos])].mean(1))
         if is_cross and self.cur_step < self.cross_steps:
-            src = cond[src_idx]  # [T, heads, Q, K]
+            src = p[src_of_tgt]  # [T, heads, Q, K]
             mapper = self.mapper.to(probs.device)[:, None, None, :].expand(-1, heads, q, -1)
             mapped = torch.gather(src, -1, mapper)
             alphas = self.alphas.to(probs)[:, None, None, :]
-            cond[s:] = mapped * alphas + cond[s:] * (1 - alphas)
+            p[tgt_pos] = mapped * alphas + p[tgt_pos] * (1 - alphas)
         elif not is_cross and self.cur_step < self.self_steps and q <= self.self_replace_max_tokens:
-            cond[s:] = cond[src_idx]
+            p[tgt_pos] = p[src_of_tgt]
         return probs
 
 
@@ -324,21 +358,8 @@ def attention_control(unet: torch.nn.Module, controller: P2PController) -> Itera
 # ---------------------------------------------------------------- the edit
 
 
-def _tokenize(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, list[list[int]]]:
-    """Padded ids [n, max_len] for the text encoder and the unpadded id lists for alignment."""
-    tok = pipe.tokenizer
-    enc = tok(
-        list(prompts), padding="max_length", max_length=tok.model_max_length,
-        truncation=True, return_tensors="pt",
-    )
-    lengths = enc.attention_mask.sum(-1).tolist()
-    unpadded = [ids[:n].tolist() for ids, n in zip(enc.input_ids, lengths)]
-    return enc.input_ids, unpadded
-
-
-def _encode_text(pipe, ids: torch.Tensor) -> torch.Tensor:
-    device = pipe.unet.device
-    return pipe.text_encoder(ids.to(device))[0].to(pipe.unet.dtype)
+_tokenize = tokenize          # the helpers live in models/inversion.py (shared with the inversion)
+_encode_text = encode_text
 
 
 def _latent_shape(pipe, image_size: int | None) -> tuple[int, int, int]:
@@ -361,12 +382,149 @@ def seed_latent(
     return torch.randn((1, *_latent_shape(pipe, image_size)), generator=generator, dtype=torch.float32)
 
 
-def _decode_gray(pipe, latents: torch.Tensor) -> np.ndarray:
-    """Latents [M, C, h, w] -> float32 [M, H, W] in [0, 1] (channel mean = grayscale)."""
-    vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1).mean(1)
-    return images.cpu().numpy().astype(np.float32)
+_decode_gray = decode_gray
+
+
+def _run(
+    pipe,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    target_sources: Sequence[int],
+    start_latents: torch.Tensor,
+    *,
+    steps: int,
+    guidance_scale: float,
+    cross_replace: float,
+    self_replace: float,
+    edit: str,
+    local_blend_words: Sequence[str] | None,
+    blend_threshold: float,
+    self_replace_max_tokens: int,
+    sampler: str = "ddim",
+    negative: str = "empty",
+    trajectories: Sequence[Sequence[torch.Tensor]] | None = None,
+    null_embeddings: Sequence[Sequence[torch.Tensor]] | None = None,
+    work: list | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt-to-prompt loop over S sources (prompt s, start latent s) and T targets.
+
+    ``negative``: the unconditional half of guidance: "empty" (the empty prompt, for sources and
+    targets), "source" (targets: their source's prompt; sources: none, their guided noise is the
+    conditional one) or "null_text" (per step, the source's ``null_embeddings[s][i]``, for the
+    source and its targets). ``trajectories``: per source the inverted latents (``Inversion.latents``,
+    ``steps + 1`` of [1, C, h, w]); when given, the source is put back on them after every step and
+    the correction is added to its targets (direct inversion). ``start_latents`` [S, C, h, w] are
+    used as they are (noise: already scaled by the caller). ``work``: a list that receives, per
+    target, its counted UNet sample-steps (own samples + an equal share of its source's).
+    Returns (source images [S, H, W], target images [T, H, W]) float32 in [0, 1].
+    """
+    if edit not in EDITS:
+        raise ValueError(f"edit must be one of {EDITS}, not {edit!r}")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    check_sampler(sampler)
+    num_sources, num_targets = start_latents.shape[0], len(target_prompts)
+    if len(source_prompts) != num_sources:
+        raise ValueError(f"{len(source_prompts)} source prompts for {num_sources} source latents")
+    if len(target_sources) != num_targets:
+        raise ValueError(f"{len(target_sources)} target sources for {num_targets} target prompts")
+    if any(not 0 <= j < num_sources for j in target_sources):
+        raise ValueError("target_sources must index the sources")
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    max_len = pipe.tokenizer.model_max_length
+
+    # each distinct prompt is encoded once
+    distinct = list(dict.fromkeys(source_prompts))
+    index = {text: i for i, text in enumerate(distinct)}
+    prompt_of_source = [index[text] for text in source_prompts]
+    n_prompts = len(distinct)
+    ids, unpadded = _tokenize(pipe, distinct + list(target_prompts) + [""])
+    emb = _encode_text(pipe, ids)
+    src_emb = emb[:n_prompts][torch.as_tensor(prompt_of_source, dtype=torch.long)]  # [S, L, D]
+    tgt_emb, empty_emb = emb[n_prompts:-1], emb[-1:]
+    target_index = torch.as_tensor(list(target_sources), dtype=torch.long)
+    tgt_dev = target_index.to(device)
+
+    align = refine_alignment if edit == "refine" else replace_alignment
+    src_ids = [unpadded[prompt_of_source[j]] for j in target_sources]
+    tgt_unpadded = unpadded[n_prompts:-1]
+    alignments = [align(s_ids, t_ids, max_len) for s_ids, t_ids in zip(src_ids, tgt_unpadded)]
+    blend = None
+    if local_blend_words:
+        word_ids = [pipe.tokenizer(w, add_special_tokens=False).input_ids for w in local_blend_words]
+        masks = [word_token_mask(word_ids, unpadded[prompt_of_source[s]], max_len)
+                 for s in range(num_sources)]
+        masks += [word_token_mask(word_ids, t, max_len) for t in tgt_unpadded]
+        blend = LocalBlend(torch.stack(masks), target_index, blend_threshold, self_replace_max_tokens)
+
+    # A private scheduler: the pipeline's may be shared with other callers, and multistep
+    # samplers keep a history.
+    scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    n_steps = len(scheduler.timesteps)
+    if trajectories is not None and any(len(tr) != n_steps + 1 for tr in trajectories):
+        raise ValueError(f"an inverted trajectory does not have {n_steps + 1} latents (steps or sampler "
+                         "differ between the inversion and the edit)")
+    if null_embeddings is not None and any(len(u) != n_steps for u in null_embeddings):
+        raise ValueError(f"null-text embeddings are not one per step ({n_steps})")
+    controller = P2PController(
+        num_sources=num_sources, target_sources=target_index, alignments=alignments, steps=n_steps,
+        cross_replace=cross_replace, self_replace=self_replace,
+        self_replace_max_tokens=self_replace_max_tokens, local_blend=blend,
+    )
+    cfg = guidance_scale > 1.0
+    src_uncond = cfg and negative != "source"
+    n_uncond = (num_sources if src_uncond else 0) + num_targets if cfg else 0
+    controller.set_layout(n_uncond + torch.arange(num_sources),
+                          n_uncond + num_sources + torch.arange(num_targets))
+    cond_ctx = torch.cat([src_emb, tgt_emb])
+
+    def uncond_ctx(step: int) -> torch.Tensor:
+        if negative == "source":
+            return src_emb[target_index]  # targets only
+        if negative == "null_text":
+            per_src = torch.cat([u[step] for u in null_embeddings]).to(device=device, dtype=dtype)
+        else:
+            per_src = empty_emb.expand(num_sources, -1, -1)
+        return torch.cat([per_src, per_src[target_index]])
+
+    latents = start_latents.to(device=device, dtype=dtype)
+    latents = torch.cat([latents, latents[tgt_dev]])
+    with count_unet(pipe.unet) as counted, attention_control(pipe.unet, controller):
+        for step, t in enumerate(scheduler.timesteps):
+            controller.cur_step = step
+            scaled = scheduler.scale_model_input(latents, t)
+            if cfg:
+                model_in = torch.cat([scaled if src_uncond else scaled[num_sources:], scaled])
+                context = torch.cat([uncond_ctx(step), cond_ctx])
+            else:
+                model_in, context = scaled, cond_ctx
+            out = pipe.unet(model_in, t, encoder_hidden_states=context).sample
+            if cfg:
+                eps_rows, eps_c = out[:n_uncond], out[n_uncond:]
+                eps_u = eps_rows if src_uncond else torch.cat([eps_c[:num_sources], eps_rows])
+                noise = eps_u + guidance_scale * (eps_c - eps_u)
+            else:
+                noise = out
+            latents = scheduler.step(noise, t, latents).prev_sample
+            if trajectories is not None:
+                ref = torch.cat([tr[n_steps - 1 - step] for tr in trajectories]).to(device=device, dtype=dtype)
+                delta = ref - latents[:num_sources]
+                latents = torch.cat([ref, latents[num_sources:] + delta[tgt_dev]])
+            if blend is not None:
+                latents = blend(latents)
+
+    if work is not None:
+        # per UNet call: a target has 1 (+1 with CFG) samples; a source 1 (+1 with its own
+        # unconditional half), shared equally by its targets in this run
+        per_src = 1 + int(src_uncond)
+        per_tgt = 1 + int(cfg)
+        expected = counted.calls * (num_sources * per_src + num_targets * per_tgt)
+        scale = counted.sample_steps / expected if expected else 0.0
+        n_of = np.bincount(np.asarray(list(target_sources), dtype=np.int64), minlength=num_sources)
+        work.extend(scale * counted.calls * (per_tgt + per_src / n_of[s]) for s in target_sources)
+    images = _decode_gray(pipe, latents)
+    return images[:num_sources], images[num_sources:]
 
 
 @torch.no_grad()
@@ -385,81 +543,33 @@ def p2p_generate(
     local_blend_words: Sequence[str] | None = None,
     blend_threshold: float = 0.3,
     self_replace_max_tokens: int = 256,
+    sampler: str = "ddim",
+    work: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The batched core: S source latents, T targets (target j starts from source ``target_sources[j]``).
+    """The batched core from noise: S source latents, T targets (target j starts from source
+    ``target_sources[j]``).
 
     ``source_prompt`` is one prompt for every source, or a sequence of S prompts (one per source
     latent: several studies in one batch); each target is aligned to its own source's prompt.
-    Returns (source images [S, H, W], target images [T, H, W]), float32 in [0, 1].
+    ``source_latents`` [S, C, h, w] is unit Gaussian noise (scaled by the sampler's
+    ``init_noise_sigma`` here). ``sampler``: ``schedulers.SAMPLERS``. ``work``: receives per target
+    its UNet sample-steps (see ``_run``). Returns (source images [S, H, W], target images [T, H, W]),
+    float32 in [0, 1].
     """
-    if edit not in EDITS:
-        raise ValueError(f"edit must be one of {EDITS}, not {edit!r}")
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
     num_sources = source_latents.shape[0]
-    if any(not 0 <= j < num_sources for j in target_sources):
-        raise ValueError("target_sources must index source_latents")
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    max_len = pipe.tokenizer.model_max_length
-
     if isinstance(source_prompt, str):
-        source_prompts, prompt_of_source = [source_prompt], [0] * num_sources
+        source_prompts = [source_prompt] * num_sources
     else:
-        if len(source_prompt) != num_sources:
-            raise ValueError(f"{len(source_prompt)} source prompts for {num_sources} source latents")
-        # each distinct prompt is encoded once
-        source_prompts = list(dict.fromkeys(source_prompt))
-        index = {text: i for i, text in enumerate(source_prompts)}
-        prompt_of_source = [index[text] for text in source_prompt]
-    n_prompts = len(source_prompts)
-    ids, unpadded = _tokenize(pipe, source_prompts + list(target_prompts) + [""])
-    emb = _encode_text(pipe, ids)
-    src_emb, tgt_emb, uncond_emb = emb[:n_prompts], emb[n_prompts:-1], emb[-1:]
-    cond = torch.cat([src_emb[torch.as_tensor(prompt_of_source, dtype=torch.long)], tgt_emb])
-    context = torch.cat([uncond_emb.expand(cond.shape[0], -1, -1), cond])
-
-    align = refine_alignment if edit == "refine" else replace_alignment
-    src_ids = [unpadded[prompt_of_source[j]] for j in target_sources]
-    tgt_unpadded = unpadded[n_prompts:-1]
-    alignments = [align(s_ids, t_ids, max_len) for s_ids, t_ids in zip(src_ids, tgt_unpadded)]
-    target_index = torch.as_tensor(list(target_sources), dtype=torch.long)
-    blend = None
-    if local_blend_words:
-        word_ids = [pipe.tokenizer(w, add_special_tokens=False).input_ids for w in local_blend_words]
-        masks = [word_token_mask(word_ids, unpadded[prompt_of_source[s]], max_len)
-                 for s in range(num_sources)]
-        masks += [word_token_mask(word_ids, t, max_len) for t in tgt_unpadded]
-        blend = LocalBlend(torch.stack(masks), target_index, blend_threshold, self_replace_max_tokens)
-    controller = P2PController(
-        num_sources=num_sources,
-        target_sources=target_index,
-        alignments=alignments,
-        steps=steps,
-        cross_replace=cross_replace,
-        self_replace=self_replace,
-        self_replace_max_tokens=self_replace_max_tokens,
-        local_blend=blend,
-    )
-
-    # A private scheduler: the pipeline's may be shared with other callers.
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(steps, device=device)
-    latents = source_latents.to(device=device, dtype=dtype)
-    latents = torch.cat([latents, latents[target_index.to(device)]]) * scheduler.init_noise_sigma
-
-    with attention_control(pipe.unet, controller):
-        for step, t in enumerate(scheduler.timesteps):
-            controller.cur_step = step
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = pipe.unet(model_in, t, encoder_hidden_states=context).sample
-            uncond_noise, cond_noise = noise.chunk(2)
-            noise = uncond_noise + guidance_scale * (cond_noise - uncond_noise)
-            latents = scheduler.step(noise, t, latents).prev_sample
-            if blend is not None:
-                latents = blend(latents)
-
-    images = _decode_gray(pipe, latents)
-    return images[:num_sources], images[num_sources:]
+        source_prompts = list(source_prompt)
+    check_sampler(sampler)
+    init_sigma = make_scheduler(sampler, pipe.scheduler.config)
+    init_sigma.set_timesteps(steps)
+    latents = source_latents * float(init_sigma.init_noise_sigma)
+    return _run(pipe, source_prompts, target_prompts, target_sources, latents, steps=steps,
+                guidance_scale=guidance_scale, cross_replace=cross_replace, self_replace=self_replace,
+                edit=edit, local_blend_words=local_blend_words, blend_threshold=blend_threshold,
+                self_replace_max_tokens=self_replace_max_tokens, sampler=sampler, negative="empty",
+                work=work)
 
 
 @dataclass(frozen=True)
@@ -467,11 +577,12 @@ class P2PSettings:
     """How an edit runs: the reference's AttentionRefine settings by default (75 DDIM steps,
     guidance 4, cross-attention control for the first 50% of the steps, self-attention for 20%).
 
-    ``steps`` sampler steps; ``guidance_scale`` classifier-free guidance; ``cross_replace`` /
-    ``self_replace`` fractions of the steps in [0, 1]; ``edit`` "refine" | "replace";
-    ``local_blend_words`` LocalBlend words (None = off) and ``blend_threshold`` in [0, 1];
-    ``self_replace_max_tokens`` only layers with at most this many query positions get
-    self-attention injection; ``image_size`` pixels (None = the model's native size).
+    ``steps`` sampler steps; ``guidance_scale`` classifier-free guidance (<= 1: none);
+    ``cross_replace`` / ``self_replace`` fractions of the sampler's steps in [0, 1]; ``edit``
+    "refine" | "replace"; ``local_blend_words`` LocalBlend words (None = off) and
+    ``blend_threshold`` in [0, 1]; ``self_replace_max_tokens`` only layers with at most this many
+    query positions get self-attention injection; ``image_size`` pixels (None = the model's native
+    size); ``sampler`` a ``schedulers.SAMPLERS`` name.
     """
 
     steps: int = 75
@@ -483,6 +594,7 @@ class P2PSettings:
     blend_threshold: float = 0.3
     self_replace_max_tokens: int = 256
     image_size: int | None = None
+    sampler: str = "ddim"
 
     def with_overrides(self, **overrides) -> "P2PSettings":
         """A copy with keyword overrides (the keywords of ``p2p_edit``'s earlier signature)."""
@@ -490,24 +602,28 @@ class P2PSettings:
             overrides["local_blend_words"] = tuple(overrides["local_blend_words"]) or None
         return replace(self, **overrides) if overrides else self
 
+    def loop_kwargs(self) -> dict:
+        """The keywords of the loop (``_run``) these settings fix."""
+        return dict(steps=self.steps, guidance_scale=self.guidance_scale, cross_replace=self.cross_replace,
+                    self_replace=self.self_replace, edit=self.edit, local_blend_words=self.local_blend_words,
+                    blend_threshold=self.blend_threshold, self_replace_max_tokens=self.self_replace_max_tokens,
+                    sampler=self.sampler)
+
 
 def _settings(settings: P2PSettings | None, overrides: dict) -> P2PSettings:
     return (settings or P2PSettings()).with_overrides(**overrides)
 
 
-def _core(pipe, source_prompt, target_prompts, target_sources, latents, s: P2PSettings):
-    return p2p_generate(
-        pipe, source_prompt, target_prompts, target_sources, latents,
-        steps=s.steps, guidance_scale=s.guidance_scale, cross_replace=s.cross_replace,
-        self_replace=s.self_replace, edit=s.edit, local_blend_words=s.local_blend_words,
-        blend_threshold=s.blend_threshold, self_replace_max_tokens=s.self_replace_max_tokens,
-    )
+def _core(pipe, source_prompt, target_prompts, target_sources, latents, s: P2PSettings, work=None):
+    kw = s.loop_kwargs()
+    return p2p_generate(pipe, source_prompt, target_prompts, target_sources, latents, work=work, **kw)
 
 
 def p2p_edit_many(
     pipe,
     edits: Sequence[tuple[str, str, int]],
     settings: P2PSettings | None = None,
+    work: list | None = None,
     **overrides,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(source prompt, target prompt, seed)`` edits of any number of reports in ONE batched run.
@@ -516,7 +632,8 @@ def p2p_edit_many(
     ``(source image, target image)`` per edit, in order, float32 HxW in [0, 1]. A result depends
     only on its own prompts and seed (up to float rounding), so batching the IntraAug variants of
     many studies together (one UNet call per step for all of them) changes nothing but the speed.
-    ``overrides`` are ``P2PSettings`` fields (``steps=10``) applied over ``settings``.
+    ``overrides`` are ``P2PSettings`` fields (``steps=10``) applied over ``settings``. ``work``: a
+    list that receives each edit's counted UNet sample-steps.
     """
     s = _settings(settings, overrides)
     keys = list(dict.fromkeys((src, int(seed)) for src, _, seed in edits))
@@ -526,7 +643,7 @@ def p2p_edit_many(
     latents = torch.cat([seed_latent(pipe, seed, image_size=s.image_size) for _, seed in keys])
     target_sources = [source_of[(src, int(seed))] for src, _, seed in edits]
     sources, targets = _core(pipe, [src for src, _ in keys], [tgt for _, tgt, _ in edits],
-                             target_sources, latents, s)
+                             target_sources, latents, s, work)
     return [(sources[j], targets[i]) for i, j in enumerate(target_sources)]
 
 
@@ -555,3 +672,51 @@ def p2p_edit(pipe, source_prompt: str, target_prompts: Sequence[str], settings: 
         raise ValueError("p2p_edit takes one shared latent [1, C, h, w]; use p2p_edit_many for several")
     sources, targets = _core(pipe, source_prompt, target_prompts, [0] * len(target_prompts), latents, s)
     return sources[0], list(targets)
+
+
+@torch.no_grad()
+def p2p_edit_real(
+    pipe,
+    inversions: Sequence[Inversion],
+    edits: Sequence[tuple[int, str]],
+    settings: P2PSettings | None = None,
+    work: list | None = None,
+    **overrides,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """IntraAug on real images: ``(inversion index, target prompt)`` edits in ONE batched run.
+
+    ``inversions`` come from ``inversion.invert_images`` (one per study, with the same sampler and
+    steps as ``settings``); each inversion used by an edit is ONE source branch, shared by all of
+    its edits, started from its inverted latent and kept on the trajectory by its method (see
+    ``models/inversion.py``). Returns ``(reconstruction, edited image)`` per edit, float32 HxW in
+    [0, 1]: the reconstruction is the source branch decoded (the inversion without an edit). An
+    edit whose target prompt is its source prompt returns the reconstruction (exactly with
+    ``direct``). ``work`` receives each edit's UNet sample-steps in this run (the inversion's own
+    cost is ``Inversion.unet_sample_steps``). Raises ValueError when an inversion's sampler, steps
+    or (null_text) guidance differ from ``settings``, or when inversions of one run mix methods.
+    """
+    s = _settings(settings, overrides)
+    if not edits:
+        return []
+    used = list(dict.fromkeys(int(i) for i, _ in edits))
+    invs = [inversions[i] for i in used]
+    methods = {inv.settings.method for inv in invs}
+    if len(methods) != 1:
+        raise ValueError(f"one run edits inversions of one method, not {sorted(methods)}")
+    inv_settings = invs[0].settings
+    for inv in invs:
+        if inv.settings.sampler != s.sampler or inv.settings.steps != s.steps:
+            raise ValueError(f"inversion made with sampler {inv.settings.sampler!r} x {inv.settings.steps} "
+                             f"steps; this edit runs {s.sampler!r} x {s.steps}: invert again")
+        if inv.settings.method == "null_text" and inv.settings.guidance_scale != s.guidance_scale:
+            raise ValueError("null-text embeddings were optimised for guidance "
+                             f"{inv.settings.guidance_scale}, the edit uses {s.guidance_scale}")
+    source_of = {i: k for k, i in enumerate(used)}
+    start = torch.cat([inv.latents[-1] for inv in invs])
+    sources, targets = _run(
+        pipe, [inv.prompt for inv in invs], [t for _, t in edits], [source_of[int(i)] for i, _ in edits],
+        start, negative=inv_settings.negative,
+        trajectories=[inv.latents for inv in invs] if inv_settings.replay else None,
+        null_embeddings=[inv.null_embeddings for inv in invs] if inv_settings.method == "null_text" else None,
+        work=work, **s.loop_kwargs())
+    return [(sources[source_of[int(i)]], targets[j]) for j, (i, _) in enumerate(edits)]

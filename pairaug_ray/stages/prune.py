@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pairaug_ray.vocab import INTRA, SCORE_COLUMNS, normalize_branches
 
@@ -181,3 +181,204 @@ def prune_dataset(ds, cfg: PruneConfig):
     pruned = ds.map_batches(apply_prune, fn_kwargs={"means": means, "cfg": cfg},
                             batch_format="pandas")
     return pruned, means
+
+
+# ----------------------------------------------------------------------------- streaming prune
+#
+# The job's pruning pass over a persisted candidate table, shard by shard, with nothing on the driver
+# that grows with the number of candidates but the list of shard names:
+#   pass 1: per-shard partial sums of the IntraAug scores (score columns only) -> global means;
+#   pass 2: per shard, apply_prune with the means (all that is shipped), the kept rows written to
+#           pairs/<the candidate shard's file name>; only counts come back.
+# A pairs shard is a function of its candidate shard and the means, so pass 2 rewrites it in place
+# when the means change (a resumed run added candidates), removes it when nothing of its shard is
+# kept any more, and removes pairs shards of no candidate shard (an older layout): the pairs table
+# is always exactly the kept candidates under the current means. ``PRUNE_STATE_FILE`` records the
+# candidate shards, rules, means and counts of the last complete pass, so a re-run of a finished
+# job skips both passes.
+
+PRUNE_STATE_FILE = "prune_state.json"
+_SCORE_READ = ("branch", "status", *SCORE_COLUMNS)
+
+
+class StreamPruneConfig(BaseModel):
+    """Where the streaming prune runs (not part of the rules: changing it changes no output)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ray_min_shards: int = Field(32, ge=1, description="from this many candidate shards on, both passes "
+                                "run as Ray tasks; fewer: in the driver process, a shard at a time")
+    shards_per_task: int = Field(16, ge=1, description="candidate shards per Ray task")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs each pruning task reserves")
+    max_in_flight: int = Field(8, ge=1, description="pruning tasks submitted at once (bounds what "
+                               "the driver holds)")
+
+
+def _read_shard(store, rel: str, columns=None) -> pa.Table:
+    """One Parquet shard of ``store`` (``rel`` under its root); ``columns`` that the shard lacks
+    are left out (the candidate table has no ``status`` column: only good rows are written)."""
+    import pyarrow.parquet as pq
+
+    with store._errors("reading", rel), store.fs.open(store.path(rel), "rb") as f:
+        shard = pq.ParquetFile(f)
+        if columns is None:
+            return shard.read()
+        present = set(shard.schema_arrow.names)
+        return shard.read(columns=[c for c in columns if c in present])
+
+
+def shard_partials(store_uri: str, storage, table_dir: str, names: list[str]) -> dict[str, float]:
+    """Partial sums of the IntraAug scores over some shards of ``table_dir``: ``{"rows": n,
+    "sum_<score>": s, "n_<score>": k}`` (``_PARTIAL_COLUMNS``; NaN/null scores and error rows left
+    out). Reads only the branch, status and score columns. Runs in a Ray task or in-process."""
+    from pairaug_ray.io.store import Store
+
+    store = Store(store_uri, storage)
+    totals = dict.fromkeys(_PARTIAL_COLUMNS, 0.0)
+    for name in names:
+        part = _partial_sums(_read_shard(store, f"{table_dir}/{name}", _SCORE_READ))
+        for k in _PARTIAL_COLUMNS:
+            totals[k] += float(part[k][0].as_py())
+    return totals
+
+
+def means_from_partials(partials) -> dict[str, Any]:
+    """Global means (``intra_means``' shape: the three scores, None without IntraAug rows, and
+    ``count``) from an iterable of ``shard_partials`` results."""
+    totals = dict.fromkeys(_PARTIAL_COLUMNS, 0.0)
+    for part in partials:
+        for k in _PARTIAL_COLUMNS:
+            totals[k] += float(part[k])
+    out: dict[str, Any] = {col: (totals[f"sum_{col}"] / totals[f"n_{col}"] if totals[f"n_{col}"] else None)
+                           for col in SCORE_COLUMNS}
+    out["count"] = int(totals["rows"])
+    return out
+
+
+def prune_shards(store_uri: str, storage, candidates_dir: str, pairs_dir: str, names: list[str],
+                 means: dict[str, Any], cfg: dict) -> dict:
+    """Pass 2 over some candidate shards: ``apply_prune`` with the global ``means`` and the rules
+    ``cfg`` (a ``PruneConfig`` dump); the kept rows (``kept`` = True, ``prune_reason`` = "") go to
+    ``pairs_dir/<same file name>`` (atomic write; an existing one is replaced, or removed when no
+    row is kept). Returns counts only: ``{"branches": {branch: {"candidates", "kept"}},
+    "reasons": {reason_kind: n}, "kept": n}``. Runs in a Ray task or in-process."""
+    from pairaug_ray.io.store import Store
+
+    store = Store(store_uri, storage)
+    rules = PruneConfig.model_validate(cfg)
+    branches: dict[str, dict[str, int]] = {}
+    reasons: dict[str, int] = {}
+    kept_total = 0
+    for name in names:
+        table = _read_shard(store, f"{candidates_dir}/{name}")
+        cols = [c for c in ("branch", "status", *SCORE_COLUMNS) if c in table.column_names]
+        judged = apply_prune(table.select(cols).to_pandas(), means, rules)
+        kept = judged["kept"].to_numpy(bool)
+        for branch, k in zip(judged["branch"] if "branch" in judged else [None] * len(judged), kept):
+            fig = branches.setdefault(str(branch), {"candidates": 0, "kept": 0})
+            fig["candidates"] += 1
+            fig["kept"] += int(k)
+        for reason in judged.loc[~judged["kept"], "prune_reason"]:
+            kind = reason_kind(reason)
+            reasons[kind] = reasons.get(kind, 0) + 1
+        shard = name.removesuffix(".parquet")
+        out_rel = f"{pairs_dir}/{shard}.parquet"
+        if kept.any():
+            rows = table.filter(pa.array(kept))
+            n = rows.num_rows
+            for col, values in (("kept", pa.array([True] * n, pa.bool_())),
+                                ("prune_reason", pa.array([""] * n, pa.string()))):
+                if col in rows.column_names:  # PAIR_SCHEMA's types (bool, string)
+                    rows = rows.set_column(rows.column_names.index(col), pa.field(col, values.type), values)
+                else:
+                    rows = rows.append_column(col, values)
+            store.write_table(pairs_dir, rows, shard)
+            kept_total += n
+        elif store.exists(out_rel):
+            with store._errors("removing", out_rel):
+                store.fs.rm(store.path(out_rel))
+    return {"branches": branches, "reasons": reasons, "kept": kept_total}
+
+
+def _run_groups(fn, groups: list[list[str]], args: tuple, scfg: StreamPruneConfig, use_ray: bool):
+    """Yields ``fn(*args(group))`` per group of shard names, in completion order: in Ray tasks
+    (at most ``scfg.max_in_flight`` submitted at once) or in this process."""
+    if not use_ray:
+        for group in groups:
+            yield fn(*args(group))
+        return
+    import ray
+
+    remote = ray.remote(fn).options(num_cpus=scfg.num_cpus, max_retries=3)
+    pending: list = []
+    for group in groups:
+        if len(pending) >= scfg.max_in_flight:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+        pending.append(remote.remote(*args(group)))
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def streaming_prune(store, cfg: PruneConfig, scfg: StreamPruneConfig | None = None, *,
+                    candidates_dir: str = "candidates", pairs_dir: str = "pairs",
+                    on_ray=None) -> dict:
+    """The job's pruning pass over ``store``'s candidate table (see the section comment above).
+
+    ``store``: an ``io.store.Store``. Both passes run as Ray tasks when the table has at least
+    ``scfg.ray_min_shards`` shards (``on_ray()`` is called first, e.g. to start Ray), else in this
+    process one shard at a time. Returns ``{"intra_means", "branches": {branch: {"candidates",
+    "kept", "pruned"}}, "pairs_total", "prune_reasons", "shards", "skipped", "ran_on",
+    "seconds"}``; ``skipped`` = True when ``PRUNE_STATE_FILE`` shows that the same candidate shards
+    were already pruned by the same rules (nothing read or written). Driver memory: the shard names
+    and the counts. Raises ``errors.StorageError`` when storage fails after its retries."""
+    import time
+
+    from pairaug_ray.io.store import content_hash
+
+    t0 = time.perf_counter()
+    scfg = scfg or StreamPruneConfig()
+    names = [p.rsplit("/", 1)[-1] for p in store.shards(candidates_dir)]
+    key = {"candidate_shards": content_hash(names), "rules": cfg.model_dump(mode="json"),
+           "candidates_dir": candidates_dir, "pairs_dir": pairs_dir}
+    if store.exists(PRUNE_STATE_FILE):
+        state = store.read_json(PRUNE_STATE_FILE)
+        if {k: state.get(k) for k in key} == key:
+            return {**state["result"], "skipped": True, "seconds": round(time.perf_counter() - t0, 3)}
+    use_ray = len(names) >= scfg.ray_min_shards
+    if use_ray and on_ray is not None:
+        on_ray()
+    per = max(1, scfg.shards_per_task if use_ray else len(names) or 1)
+    groups = [names[i:i + per] for i in range(0, len(names), per)]
+    uri, storage = store.uri, store.storage
+
+    means = means_from_partials(_run_groups(
+        shard_partials, groups, lambda g: (uri, storage, candidates_dir, g), scfg, use_ray))
+    branches: dict[str, dict[str, int]] = {}
+    reasons: dict[str, int] = {}
+    kept = 0
+    rules = cfg.model_dump(mode="json")
+    for part in _run_groups(prune_shards, groups,
+                            lambda g: (uri, storage, candidates_dir, pairs_dir, g, means, rules), scfg, use_ray):
+        kept += part["kept"]
+        for b, fig in part["branches"].items():
+            acc = branches.setdefault(b, {"candidates": 0, "kept": 0})
+            acc["candidates"] += fig["candidates"]
+            acc["kept"] += fig["kept"]
+        for k, n in part["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + n
+    # pairs shards of no candidate shard: an older layout, or a candidate shard since removed
+    current = set(names)
+    for path in store.shards(pairs_dir):
+        name = path.rsplit("/", 1)[-1]
+        if name not in current:
+            with store._errors("removing", f"{pairs_dir}/{name}"):
+                store.fs.rm(path)
+    for fig in branches.values():
+        fig["pruned"] = fig["candidates"] - fig["kept"]
+    result = {"intra_means": means, "branches": dict(sorted(branches.items())), "pairs_total": kept,
+              "prune_reasons": dict(sorted(reasons.items())), "shards": len(names),
+              "ran_on": "ray tasks" if use_ray else "driver"}
+    store.write_json(PRUNE_STATE_FILE, {**key, "result": result})
+    return {**result, "skipped": False, "seconds": round(time.perf_counter() - t0, 3)}

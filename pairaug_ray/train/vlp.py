@@ -76,10 +76,13 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool = False
     checkpoint_every: int = Field(50, ge=1)
-    report_every: int = Field(10, ge=1, description="steps between ray.train.report calls (and "
-                              "progress lines); metrics.jsonl gets every step. Each report waits "
-                              "for the controller's next poll (every 2 s by default in Ray 2.60), "
-                              "so reporting every step would cap training at one step per poll")
+    report_every: int = Field(10, ge=1, description="steps between progress lines (rank 0); "
+                              "metrics.jsonl gets every step")
+    report_metrics: bool = Field(False, description="also call ray.train.report every report_every "
+                                 "steps (not only with checkpoints and at the end): each report is a "
+                                 "barrier across the workers and waits for the controller's next poll "
+                                 "(every 2 s in Ray 2.60), which cost 10-50% of the steps at 0.1 s "
+                                 "a step (benchmarks/train_throughput.py)")
     keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept (None = all)")
     max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1 = always)")
     seed: int = 0
@@ -121,8 +124,24 @@ def global_contrastive_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor,
     """CLIP loss over the embeddings of all workers (see the module docstring for the gradient)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
-        img_emb, txt_emb = gather_features(_scale_grad(img_emb, world), _scale_grad(txt_emb, world))
+        img_emb, txt_emb = _gather_pair(_scale_grad(img_emb, world), _scale_grad(txt_emb, world))
     return clip_loss(img_emb, txt_emb, logit_scale)
+
+
+def _gather_pair(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``models.vlp.gather_features`` in ONE all-gather: image and text embeddings [b, D] are
+    gathered side by side ([b, 2D]) instead of one collective each; this worker's slice keeps its
+    autograd history, the others come without (same result and gradients as gather_features)."""
+    if img_emb.dim() != 2 or txt_emb.dim() != 2 or img_emb.shape[0] != txt_emb.shape[0] \
+            or img_emb.dtype != txt_emb.dtype:
+        return gather_features(img_emb, txt_emb)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    both = torch.cat([img_emb, txt_emb], dim=1)
+    parts = [torch.zeros_like(both) for _ in range(world)]
+    dist.all_gather(parts, both.contiguous())
+    parts[rank] = both
+    gathered = torch.cat(parts, dim=0)
+    return gathered[:, :img_emb.shape[1]], gathered[:, img_emb.shape[1]:]
 
 
 class ContrastiveStep(nn.Module):
@@ -236,7 +255,13 @@ def _train_loop(loop_config: dict) -> None:
             scaler.load_state_dict(state["scaler"])
         start, history = int(state["step"]), list(state["history"])
     vlp.to(device)
-    step_module = ray.train.torch.prepare_model(ContrastiveStep(vlp))
+    # Buffers are broadcast from rank 0 before every forward unless told otherwise: one more
+    # collective (a synchronisation point) per step. Only running statistics (batch norm) need it;
+    # the VLP's buffers are constant position / token-type ids.
+    sync_buffers = any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                       for m in vlp.modules())
+    step_module = ray.train.torch.prepare_model(
+        ContrastiveStep(vlp), parallel_strategy_kwargs={"broadcast_buffers": sync_buffers})
     if rank == 0:  # the metrics file holds exactly the steps this run's state has seen
         _write_text(run_uri, storage, METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
 
@@ -264,14 +289,26 @@ def _train_loop(loop_config: dict) -> None:
                        interactive=False) if rank == 0 else None
     step, t_prev, run_samples, run_time = start, None, 0, 0.0
     metrics = {"step": start, "resumed_from_step": start}
-    for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy", prefetch_batches=2):
+    # Where a step's time goes (seconds summed over the steps after this run's first):
+    # waiting for the batch from Ray Data, collate (PNG decode + augmentation), compute (forward,
+    # backward with DDP's all-reduce, optimizer), and bookkeeping (metrics, progress, reports,
+    # checkpoints: what the step after them waits for).
+    split = dict.fromkeys(("wait_data", "collate", "compute", "bookkeeping"), 0.0)
+    batches = iter(shard.iter_batches(batch_size=local_batch, batch_format="numpy", prefetch_batches=2))
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
         s = int(batch["step"][0])
         if s < start:          # already trained before the checkpoint we resumed from
             continue
         _maybe_fail(cfg, s + 1, rank, world)
         t0 = time.perf_counter() if t_prev is None else t_prev
+        t_got = time.perf_counter()
         torch.manual_seed(step_seed(cfg.seed, s, rank))
         pixels, texts = collate(batch, cfg.image_size, cfg.augment_images, cfg.seed)
+        t_collated = time.perf_counter()
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=gpu):
             loss = step_module(pixels.to(device), texts)
         opt.zero_grad(set_to_none=True)
@@ -289,10 +326,15 @@ def _train_loop(loop_config: dict) -> None:
         dt = t_prev - t0
         if step > start + 1:  # the first step of a (re)start pays start-up costs
             run_samples, run_time = run_samples + cfg.batch_size, run_time + dt
+            split["bookkeeping"] += max(0.0, t_wait - t0)  # the previous step's tail
+            split["wait_data"] += t_got - t_wait
+            split["collate"] += t_collated - t_got
+            split["compute"] += t_prev - t_collated
         metrics = {"step": step, "loss": float(loss.detach()), "lr": lr,
                    "logit_scale": float(vlp.scale().detach()), "samples_per_s": cfg.batch_size / dt,
                    "resumed_from_step": start,
-                   "run_samples_per_s": run_samples / run_time if run_time else None}
+                   "run_samples_per_s": run_samples / run_time if run_time else None,
+                   **{f"sec_{k}": round(v, 4) for k, v in split.items()}}
         if rank == 0:
             line = {k: metrics[k] for k in ("step", "loss", "lr", "logit_scale", "samples_per_s")}
             line["time"] = time.time()
@@ -300,14 +342,17 @@ def _train_loop(loop_config: dict) -> None:
             if local_metrics:
                 local_metrics.write(json.dumps(line) + "\n")
                 local_metrics.flush()
-        # Every rank reports at the same steps: a report is a collective across the workers.
-        report = step % cfg.report_every == 0
-        if bar is not None and (report or step == end):
+        # Progress lines come from rank 0 alone. ray.train.report is a barrier across the workers
+        # and waits while the controller has not yet taken the previous report (it polls every
+        # 2 s in Ray 2.60), so it is called with checkpoints and at the end only (and every
+        # report_every steps with report_metrics).
+        progress = step % cfg.report_every == 0
+        if bar is not None and (progress or step == end):
             bar.update(step - bar.done)
             bar.emit(f"loss {metrics['loss']:.4f}{SEP}lr {lr:.2e}{SEP}{metrics['samples_per_s']:.1f} samples/s")
         if step % cfg.checkpoint_every == 0 or step == end:
             save_checkpoint(step, metrics)
-        elif report:
+        elif progress and cfg.report_metrics:
             ray.train.report(metrics)
     if local_metrics:
         local_metrics.close()
@@ -392,6 +437,8 @@ def train_vlp(cfg: TrainConfig, storage: StorageConfig | None = None) -> dict:
         "final_loss": metrics.get("loss", metrics.get("final_loss")),
         "metrics_file": store.uri_of(METRICS_FILE),
         "samples_per_s": metrics.get("run_samples_per_s"),
+        "step_seconds": {k[4:]: metrics[k] for k in ("sec_wait_data", "sec_collate", "sec_compute",
+                                                     "sec_bookkeeping") if k in metrics},
         "checkpoint": ckpt_uri,
         "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
         "items_per_source": counts,

@@ -14,7 +14,7 @@ sys.path.insert(0, REPO)
 
 # Imported before any capsys test: pipeline.Progress binds sys.stderr when the module loads.
 import pairaug_ray.pipeline  # noqa: E402,F401
-from benchmarks import memory_scaling, pipeline_throughput, scaling_table  # noqa: E402
+from benchmarks import memory_scaling, pipeline_throughput, prune_memory, scaling_table  # noqa: E402
 from pairaug_ray.cli import main as cli_main  # noqa: E402
 from pairaug_ray.config import load_with_estimate  # noqa: E402
 from pairaug_ray.estimate import estimate  # noqa: E402
@@ -30,16 +30,24 @@ TINY = [
 
 
 def test_pipeline_throughput_runs_both_sides_on_the_same_candidates(tmp_path, capsys):
-    out = pipeline_throughput.main(["--studies", "2", "--repeats", "1", "--workdir", str(tmp_path), *TINY])
+    out = pipeline_throughput.main(["--studies", "2", "--repeats", "1", "--workdir", str(tmp_path),
+                                    "--profiles", "local,cluster", *TINY])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["benchmark"] == "pipeline_throughput" and line["studies"] == 2
-    ref, ray_ = out["reference_runs"][0], out["pipeline_runs"][0]
-    # same studies, same plan: 1 inter + 1 intra per study on both sides, same pruning outcome
-    assert ref["candidates"] == ray_["candidates"] == 4
-    assert ref["kept"] == ray_["kept"]
+    ref = out["reference_runs"][0]
     assert len([f for f in os.listdir(tmp_path / "ref-0") if f.endswith(".png")]) == 4
+    for profile in ("local", "cluster"):
+        ray_ = out["runs_by_profile"][profile][0]
+        assert ray_["profile"] == profile
+        # same studies, same plan: 1 inter + 1 intra per study on every side, same pruning outcome
+        assert ref["candidates"] == ray_["candidates"] == 4 and ref["kept"] == ray_["kept"]
+        assert ref["candidate_ids"] == ray_["candidate_ids"] and ref["kept_ids"] == ray_["kept_ids"]
+        assert line["sides"][profile]["same_kept_ids_as_reference"] is True
+        assert {"edit", "generate", "score"} <= set(ray_["stage_throughput"])
+        # the finished job's re-run: nothing planned, nothing pruned again
+        assert ray_["rerun_rows"] == 0 and ray_["rerun_seconds"] < 30
+        assert ray_["manifest_seconds"]["fixed"] > 0 and ray_["prune_pass"]["skipped"] is False
     assert line["ratio"] == pytest.approx(line["pipeline_pairs_per_s"] / line["reference_pairs_per_s"], abs=0.01)
-    assert {"edit", "generate", "score"} <= set(ray_["stage_throughput"])
 
 
 def test_memory_scaling_reports_peaks_and_growth(tmp_path, capsys):
@@ -51,6 +59,17 @@ def test_memory_scaling_reports_peaks_and_growth(tmp_path, capsys):
         assert out[size]["peak_workers_rss_mib"] > 0  # the Ray workers were found and sampled
     assert out["growth"]["total_rss"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "memory_scaling"
+
+
+def test_prune_memory_compares_old_and_streaming_on_the_same_table(tmp_path, capsys):
+    out = prune_memory.main(["--sizes", "600", "--rows-per-shard", "100", "--workdir", str(tmp_path)])
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"old", "streaming"} and rows["old"]["shards"] == 6
+    assert rows["old"]["kept"] == rows["streaming"]["kept"] > 0
+    assert out["summary"]["same_kept_ids_across_methods"] == {600: True}
+    assert rows["old"]["intra_count"] == rows["streaming"]["intra_count"] == 400
+    assert all(r["peak_rss_mib"] >= r["rss_before_mib"] > 0 for r in rows.values())
+    assert "| candidates | shards |" in capsys.readouterr().out
 
 
 def test_scaling_table_names_a_bottleneck_per_point(tmp_path, capsys):

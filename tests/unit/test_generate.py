@@ -155,3 +155,30 @@ def test_stage_call_on_a_batch():
     alone = stage.generator.generate([REPORTS[2]], [4])[0]
     pixels = np.asarray(Image.open(io.BytesIO(out.loc[3, "image_png"])), np.float32) / 65535.0
     np.testing.assert_allclose(pixels, alone, atol=2 / 65535)
+
+
+@pytest.mark.parametrize("guidance, per_sample", [(4.0, 2), (1.0, 1)])
+def test_stage_counts_the_unet_work_it_ran(guidance, per_sample):
+    """unet_sample_steps = batch x steps, x 2 with classifier-free guidance (counted by a UNet hook)."""
+    from pairaug_ray.models.schedulers import count_unet
+
+    cfg = GenerateConfig(model="tiny://sd?size=32", steps=3, guidance_scale=guidance, sampler="dpm++")
+    stage = GenerateStage(cfg)
+    rows = [{"pair_id": f"p{i}", "seed": i, "branch": "inter", "rewritten_report": REPORTS[i]} for i in range(3)]
+    with count_unet(stage.generator.pipe.unet) as counted:
+        out = stage(pd.DataFrame(rows))
+    assert counted.sample_steps == 3 * 3 * per_sample
+    assert list(out["unet_sample_steps"]) == [3 * per_sample] * 3
+    assert set(out["sampler"]) == {"dpm++"}
+    # the stage samples with its own scheduler: the (possibly shared) pipeline keeps its DDIM
+    assert type(stage.generator.pipe.scheduler).__name__ == "DDIMScheduler"
+    assert type(stage.generator.sampling_pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+
+
+def test_samplers_by_name_draw_differently_and_unknown_ones_are_refused():
+    images = {name: ImageGenerator(GenerateConfig(model="tiny://sd?size=32", steps=4, sampler=name))
+              .generate([REPORTS[0]], [3])[0] for name in ("ddim", "dpm++", "unipc", "euler")}
+    assert all(im.shape == (32, 32) for im in images.values())
+    assert np.abs(images["ddim"] - images["dpm++"]).max() > 1e-4
+    with pytest.raises(ValueError, match="unknown sampler"):
+        GenerateConfig(sampler="plms")

@@ -210,3 +210,103 @@ def test_intra_means_and_prune_with_ray_data(ray_cluster):
     pruned, _ = prune_dataset(ds, PruneConfig(inter_threshold=0.3, intra_margin=0.003))
     got = {r["pair_id"]: (bool(r["kept"]), r["prune_reason"]) for r in pruned.take_all()}
     assert got == EXPECTED
+
+
+# ----------------------------------------------------------------------------- streaming prune
+
+def _candidate_shards(store, frames: list[pd.DataFrame]) -> None:
+    """Write each frame as one candidate shard (the candidate table has no status column: only
+    good rows are written there), named as the write stage names them."""
+    import pyarrow as pa
+
+    from pairaug_ray.io.store import content_hash
+
+    for frame in frames:
+        frame = frame.assign(row_id=frame["pair_id"], image_png=[b"png-" + p.encode() for p in frame["pair_id"]],
+                             kept=None, prune_reason=None).drop(columns=["status"], errors="ignore")
+        store.write_table("candidates", pa.Table.from_pandas(frame, preserve_index=False),
+                          content_hash(sorted(frame["row_id"])))
+
+
+def _old_kept(frames: list[pd.DataFrame], cfg) -> set[str]:
+    """What the job's pruning did before the streaming prune: the whole score table on the
+    driver, intra_means + apply_prune, the kept ids."""
+    whole = pd.concat(frames, ignore_index=True)
+    pruned = apply_prune(whole, intra_means(whole), cfg)
+    return set(pruned.loc[pruned["kept"], "pair_id"])
+
+
+def _random_frames(seed: int, shards: int, rows: int) -> list[pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(shards):
+        branch = rng.choice(["inter", "intra", "intra"], rows)
+        inter = branch == "inter"
+        out.append(pd.DataFrame({
+            "pair_id": [f"p{seed}-{s}-{i}" for i in range(rows)], "branch": branch,
+            "score_align": rng.normal(0.3, 0.1, rows),
+            "score_delta": np.where(inter, np.nan, rng.normal(0.1, 0.05, rows)),
+            "score_img": np.where(inter, np.nan, rng.normal(0.8, 0.02, rows))}))
+    return out
+
+
+def test_streaming_prune_keeps_what_the_old_driver_side_prune_kept(tmp_path):
+    from pairaug_ray.io.store import Store
+    from pairaug_ray.stages.prune import StreamPruneConfig, streaming_prune
+
+    store = Store(str(tmp_path / "run"))
+    frames = _random_frames(0, shards=5, rows=40)
+    _candidate_shards(store, frames)
+    cfg = PruneConfig(inter_threshold=0.3, intra_margin=0.003)
+    out = streaming_prune(store, cfg, StreamPruneConfig(ray_min_shards=10**9))  # in-process path
+    pairs = store.read_table("pairs")
+    assert set(pairs.column("pair_id").to_pylist()) == _old_kept(frames, cfg)
+    assert all(pairs.column("kept").to_pylist()) and set(pairs.column("prune_reason").to_pylist()) == {""}
+    whole = pd.concat(frames)
+    for col in ("score_align", "score_delta", "score_img"):
+        assert out["intra_means"][col] == pytest.approx(whole.loc[whole.branch == "intra", col].mean())
+    assert out["pairs_total"] == pairs.num_rows and out["ran_on"] == "driver" and not out["skipped"]
+    assert sum(b["candidates"] for b in out["branches"].values()) == len(whole)
+    assert sum(out["prune_reasons"].values()) == len(whole) - pairs.num_rows
+    # the same candidates and rules again: nothing read or written
+    again = streaming_prune(store, cfg, StreamPruneConfig(ray_min_shards=10**9))
+    assert again["skipped"] and again["pairs_total"] == out["pairs_total"]
+
+
+def test_streaming_prune_after_new_candidates_rebuilds_the_pairs_table(tmp_path):
+    """A resumed run adds candidates: the means move, so earlier pairs shards are re-judged (kept
+    rows that no longer pass disappear), and pairs shards of no candidate shard (an older layout)
+    are removed: the pairs table is exactly the kept set of the whole candidate table."""
+    from pairaug_ray.io.store import Store
+    from pairaug_ray.stages.prune import StreamPruneConfig, streaming_prune
+
+    store = Store(str(tmp_path / "run"))
+    first, later = _random_frames(1, shards=3, rows=30), _random_frames(2, shards=2, rows=30)
+    for f in later:  # candidates with higher IntraAug scores: the means rise
+        f["score_img"] += 0.05
+    cfg, scfg = PruneConfig(inter_threshold=0.3), StreamPruneConfig(ray_min_shards=10**9)
+    _candidate_shards(store, first)
+    streaming_prune(store, cfg, scfg)
+    import pyarrow as pa
+
+    store.write_table("pairs", pa.table({"pair_id": ["stale"], "kept": [True]}), "old-layout")
+    _candidate_shards(store, later)
+    out = streaming_prune(store, cfg, scfg)
+    ids = store.read_column("pairs", "pair_id")
+    assert len(ids) == len(set(ids)) and set(ids) == _old_kept(first + later, cfg) == set(ids)
+    assert not out["skipped"] and out["pairs_total"] == len(ids)
+    assert _old_kept(first, cfg) - set(ids), "the example should re-judge some earlier pairs"
+
+
+@pytest.mark.ray
+def test_streaming_prune_in_ray_tasks(ray_cluster, tmp_path):
+    from pairaug_ray.io.store import Store
+    from pairaug_ray.stages.prune import StreamPruneConfig, streaming_prune
+
+    store = Store(str(tmp_path / "run"))
+    frames = _random_frames(3, shards=5, rows=20)
+    _candidate_shards(store, frames)
+    cfg = PruneConfig(inter_threshold=0.3)
+    out = streaming_prune(store, cfg, StreamPruneConfig(ray_min_shards=1, shards_per_task=2, max_in_flight=2))
+    assert out["ran_on"] == "ray tasks" and out["shards"] == 5
+    assert set(store.read_column("pairs", "pair_id")) == _old_kept(frames, cfg)
