@@ -7,6 +7,8 @@ Usage::
     pairaug ingest data/phantom --out runs/ingest ingest.decode.image_size=128
     pairaug augment --config jobs/configs/demo.yaml --studies runs/ingest --out runs/augment
     pairaug train --studies runs/ingest --pairs runs/augment --mix original,inter,intra --out runs/train
+    pairaug train-t2i --studies runs/ingest --out runs/t2i            # the generator, from tiny://sd
+    pairaug fidelity --model runs/t2i/model --out runs/fidelity
     pairaug evaluate --model original=runs/train/vlp/model --studies runs/ingest --out runs/eval
     pairaug zeroshot runs/train/vlp/model runs/ingest --split test
     pairaug ablate --studies runs/ingest --pairs runs/augment --out runs/ablate --steps 200
@@ -38,7 +40,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # Kept in step with vocab.TRAIN_SOURCES / ABLATION_VARIANTS (tests check it): importing vocab
 # would import numpy and pandas, and --help must stay fast.
 TRAIN_SOURCES = "original, inter, intra, text_only, image_only"
-ABLATION_VARIANTS = "original, inter, intra, pairaug, text_only, image_only"
+ABLATION_VARIANTS = "original, inter, intra, pairaug, text_only, image_only, synthetic"
 
 
 def _csv(value: str | None, cast=str) -> list | None:
@@ -166,6 +168,44 @@ def cmd_train(args) -> int:
     check_train(train, cfg.storage, cfg.ray)
     init_ray(cfg.ray)
     _print_json(train_vlp(train, cfg.storage))
+    return 0
+
+
+def add_train_t2i_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies", help="an ingest output folder (local or s3://) with studies/")
+    p.add_argument("--out", help="run folder (local or s3://); re-running with the same --out resumes")
+    p.add_argument("--init", help="model to start from: tiny://sd?... or a local Stable Diffusion folder")
+    p.add_argument("--steps", type=int, help="UNet (+ text encoder) optimisation steps")
+
+
+def cmd_train_t2i(args) -> int:
+    from pairaug_ray.runtime import init_ray
+    from pairaug_ray.train.t2i import train_t2i
+
+    cfg = args.config
+    t2i = _with_flags(cfg.t2i, studies=args.studies, out=args.out, init=args.init, steps=args.steps)
+    init_ray(cfg.ray)
+    _print_json(train_t2i(t2i, cfg.storage))
+    return 0
+
+
+def add_fidelity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="the generator: a diffusers folder (e.g. a train-t2i run's model/) or tiny://sd?...")
+    p.add_argument("--studies", help="ingest folder whose reports prompt the classifier check (with --vlp)")
+    p.add_argument("--vlp", help="a trained VLP folder: adds the classifier check")
+    p.add_argument("--out", help="folder (local or s3://) for fidelity.json and fidelity.md")
+    p.add_argument("--n-pairs", type=int, help="prompt pairs per finding (default 32)")
+    p.add_argument("--steps", type=int, help="sampler steps per image (default 50)")
+
+
+def cmd_fidelity(args) -> int:
+    from pairaug_ray.train.fidelity import fidelity_markdown, run_fidelity
+
+    cfg = args.config
+    fcfg = _with_flags(cfg.fidelity, model=args.model, studies=args.studies, vlp=args.vlp, out=args.out,
+                       n_pairs=args.n_pairs, steps=args.steps)
+    result = run_fidelity(fcfg, cfg.storage)
+    print(fidelity_markdown(result), flush=True)
     return 0
 
 
@@ -347,13 +387,24 @@ def cmd_config(args) -> int:
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="pairaug_out/demo", help="output folder (default pairaug_out/demo)")
-    p.add_argument("--n", type=int, default=48, help="PhantomCXR studies (default 48)")
+    p.add_argument("--n", type=int, default=600,
+                   help="PhantomCXR studies (default 600: ~120 held-out validate+test images to evaluate on)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--size", type=int, default=256, help="PhantomCXR image size in pixels (default 256)")
     p.add_argument("--reports", choices=["auto", "iu", "template"], default="auto",
                    help="report text: the IU corpus when installed (auto), or templates")
+    p.add_argument("--generator", default="train", metavar="train|MODEL",
+                   help="train (default): train the text-to-image generator on the training split with "
+                        "the config's t2i: section, or reuse the one trained before on the same data and "
+                        "settings (--cache); else a model to use as is (a diffusers folder, "
+                        "tiny://sd?size=64&seed=0 = random weights)")
+    p.add_argument("--cache", help="folder of trained generators (default $PAIRAUG_CACHE/t2i or "
+                                   "~/.cache/pairaug/t2i)")
+    p.add_argument("--inter-quantile", type=float, default=0.1,
+                   help="InterAug threshold = this quantile of the scorer's cosine on real training "
+                        "pairs (default 0.1; train.calibrate)")
     p.add_argument("--no-train", action="store_true",
-                   help="skip the VLP training and evaluation (ingest + augment only)")
+                   help="skip the VLP training, evaluation and fidelity table (ingest + generator + augment)")
 
 
 def cmd_demo(args) -> int:
@@ -367,7 +418,7 @@ def cmd_demo(args) -> int:
     cfg = load_config(args.config_path, [
         f"ingest.out={ingest_out}", f"augment.studies={ingest_out}", f"augment.out={augment_out}",
         f"train.studies={ingest_out}", f"train.pairs={augment_out}", f"train.out={train_out}",
-        *args.overrides])
+        f"t2i.studies={ingest_out}", f"fidelity.out={os.path.join(out, 'fidelity')}", *args.overrides])
     train = not args.no_train
     # Everything the driver can check, before minutes of PhantomCXR, ingest and training.
     from pairaug_ray.checks import ConfigError, augment_problems, model_problem
@@ -375,10 +426,15 @@ def cmd_demo(args) -> int:
     problems = augment_problems(cfg.augment, cfg.storage, cfg.ray, studies=False)
     if train:
         problems.append(model_problem("train.model", cfg.train.model, "vlp"))
+    if args.generator != "train":
+        problems.append(model_problem("--generator", args.generator, "sd"))
+    if not 0 < args.inter_quantile < 1:
+        problems.append(f"--inter-quantile {args.inter_quantile} must be in (0, 1)")
     if any(problems):
         raise ConfigError([p for p in problems if p])
-    n_steps = 6 if train else 3
+    n_steps = 7 if train else 4
     t0 = time.perf_counter()
+    held_out = "validate,test"
 
     def step(i: int, text: str) -> None:
         print(f"[demo] {i}/{n_steps} {text}", flush=True)
@@ -391,34 +447,75 @@ def cmd_demo(args) -> int:
     step(2, "ingest on Ray Data: decode → label → write (Ray's own output: --verbose)")
     cfg.ingest.source = phantom_dir
     ingest = run_ingest(cfg)
-    scorer = final = None
+    # 3. The generator: trained on the training split (or reused), then used by generate and edit.
+    gen_info = None
+    if args.generator == "train":
+        from pairaug_ray.train.t2i import cached_t2i
+
+        init_ray(cfg.ray)
+        step(3, f"Ray Train: the text-to-image generator on the training split ({cfg.t2i.init}, "
+             f"{cfg.t2i.vae_steps} VAE + {cfg.t2i.steps} UNet steps), reused when trained before")
+        gen_info = cached_t2i(cfg.t2i, cfg.storage, args.cache)
+        generator = gen_info["model_dir"]
+        how = (f"reused (trained in {gen_info['seconds']:.0f} s)" if gen_info["reused"]
+               else f"trained in {gen_info['seconds']:.0f} s")
+        print(f"[demo]     generator {how}, final loss {_fmt(gen_info['final_loss'])}: {generator}", flush=True)
+    else:
+        generator = args.generator
+        step(3, f"generator: {generator} (as given)")
+    cfg.augment.generate.model = cfg.augment.edit.model = generator
+    scorer = final = calibration = None
     if train:
+        from pairaug_ray.train.calibrate import calibrate_inter_threshold
         from pairaug_ray.train.vlp import train_vlp
 
         init_ray(cfg.ray)
-        step(3, "Ray Train: a first VLP on the original pairs, used as the pruning scorer")
+        step(4, "Ray Train: a first VLP on the original pairs, used as the pruning scorer")
         scorer = train_vlp(cfg.train.model_copy(update={"mix": ["original"], "name": "original"}),
                            cfg.storage)
         cfg.augment.score.model = scorer["model_dir"]
-    step(4 if train else 3, "augment on Ray Data: rewrite → InterAug generate / IntraAug edit → "
+        calibration = calibrate_inter_threshold(scorer["model_dir"], ingest_out, cfg.storage,
+                                                quantile=args.inter_quantile, seed=args.seed)
+        cfg.augment.prune.inter_threshold = calibration["threshold"]
+        print(f"[demo]     InterAug threshold {calibration['threshold']:.3f} = the {args.inter_quantile:g} "
+              f"quantile of the scorer's cos(image, report) on {calibration['n_pairs']} real training "
+              f"pairs (matched vs mismatched AUC {calibration['auc']:.2f})", flush=True)
+    step(5 if train else 4, "augment on Ray Data: rewrite → InterAug generate / IntraAug edit → "
          "score → prune → write")
     aug = run_augment(cfg)
-    results = None
+    results = fid = None
     if train:
         from pairaug_ray.train.evaluate import run_evaluate
+        from pairaug_ray.train.fidelity import run_fidelity
 
-        step(5, "Ray Train: the final VLP on original + kept InterAug and IntraAug pairs")
+        step(6, "Ray Train: the final VLP on original + kept InterAug and IntraAug pairs")
         final = train_vlp(cfg.train.model_copy(update={"mix": ["original", "inter", "intra"],
                                                        "name": "pairaug"}), cfg.storage)
-        step(6, "zero-shot evaluation of both on the test split")
+        step(7, f"zero-shot evaluation of both on the held-out splits ({held_out}); generator fidelity")
         results = run_evaluate([f"original={scorer['model_dir']}", f"pairaug={final['model_dir']}"],
-                               ingest_out, os.path.join(out, "evaluate"), storage=cfg.storage)
+                               ingest_out, os.path.join(out, "evaluate"), split=held_out, storage=cfg.storage)
+        fid = run_fidelity(cfg.fidelity.model_copy(update={"model": generator}), cfg.storage)
     secs = time.perf_counter() - t0
+    _demo_summary(secs, ingest, aug, ingest_out, augment_out, gen_info, generator, calibration, results, fid)
+    return 0
+
+
+def _demo_summary(secs, ingest, aug, ingest_out, augment_out, gen_info, generator, calibration, results,
+                  fid) -> None:
+    from pairaug_ray.train.fidelity import fidelity_markdown, kept_fidelity_markdown
+
     b = aug["branches"]
     print()
     print("PairAug demo finished in %.0f s" % secs)
     print(f"  studies ingested    : {ingest['totals']['studies']} "
           f"({ingest['totals']['quarantined']} quarantined)  {ingest_out}/studies")
+    if gen_info:
+        print(f"  generator           : {generator} ({'reused' if gen_info['reused'] else 'trained'}, "
+              f"{gen_info['items']} training images, {gen_info['image_size']} px)")
+    else:
+        print(f"  generator           : {generator}")
+    if calibration:
+        print(f"  InterAug threshold  : {calibration['threshold']:.3f} (calibrated on real pairs)")
     print(f"  InterAug candidates : {b['inter']['candidates']}, kept {b['inter']['kept']}")
     print(f"  IntraAug candidates : {b['intra']['candidates']}, kept {b['intra']['kept']}")
     print(f"  training pairs      : {aug['pairs_total']}  {augment_out}/pairs")
@@ -426,12 +523,22 @@ def cmd_demo(args) -> int:
     if aug.get("report"):
         print(f"  visual report       : {aug['report']}")
     if results:
+        n_eval = results["models"]["original"]["zeroshot"].get("n_images")
         for name in ("original", "pairaug"):
             zs = results["models"][name]["zeroshot"]
-            print(f"  zero-shot mean AUC  : {name:<8} {_fmt(zs.get('mean_auc'))}  "
-                  f"(VLP {results['models'][name]['uri']})")
+            ci = zs.get("mean_auc_ci") or [None, None]
+            print(f"  zero-shot mean AUC  : {name:<8} {_fmt(zs.get('mean_auc'))} "
+                  f"[{_fmt(ci[0])}, {_fmt(ci[1])}] on {n_eval} held-out images (VLP {results['models'][name]['uri']})")
         print(f"  evaluation          : {results['files']['results.md']}")
-    return 0
+    if fid:
+        print()
+        print("Generator fidelity (does an image drawn for a report show what the report says?)")
+        print(fidelity_markdown({**fid, "model": None}).split("\n\n")[0])
+    kept = aug.get("kept_pair_fidelity")
+    if kept and kept.get("branches"):
+        print()
+        print("Kept pairs: scorer's zero-shot AUC, report states the finding vs not (augment manifest)")
+        print(kept_fidelity_markdown(kept), end="")
 
 
 def _fmt(x) -> str:
@@ -452,12 +559,17 @@ COMMANDS = {
                 cmd_augment, True, None),
     "train": ("train the VLP on Ray Train (studies + kept augmented pairs)", add_train_args, cmd_train,
               True, None),
+    "train-t2i": ("train a chest X-ray text-to-image generator (RoentGen recipe) on Ray Train",
+                  add_train_t2i_args, cmd_train_t2i, True, None),
+    "fidelity": ("does a generator draw what the report says? per-finding ROC-AUC table (PhantomCXR "
+                 "probes; a VLP's zero-shot scores)", add_fidelity_args, cmd_fidelity, True, None),
     "evaluate": ("zero-shot (and optionally fine-tuned) evaluation of VLPs: table + plots",
                  add_evaluate_args, cmd_evaluate, True, None),
     "zeroshot": ("zero-shot AUCs of one VLP (CheXzero protocol), as one JSON line", add_zeroshot_args,
                  cmd_zeroshot, False, None),
     "ablate": ("the paper's ablation: VLPs on original / +InterAug / +IntraAug / both / text-only / "
-               "image-only, each evaluated zero-shot and fine-tuned", add_ablate_args, cmd_ablate, True, None),
+               "image-only / synthetic-only, each evaluated zero-shot (paired difference from original) "
+               "and fine-tuned", add_ablate_args, cmd_ablate, True, None),
     "estimate": ("expected GPU-hours and wall time per augmentation stage for a study count",
                  add_estimate_args, cmd_estimate, True, None),
     "serve": ("serve the rewriter, generator, editor and scorer over HTTP with Ray Serve "

@@ -28,6 +28,8 @@ from pairaug_ray.serve.config import ServeConfig
 from pairaug_ray.stages.base import RESOURCE_FIELDS, fingerprint, output_fingerprint  # noqa: F401
 from pairaug_ray.train.ablate import AblateConfig
 from pairaug_ray.train.evaluate import EvaluateConfig
+from pairaug_ray.train.fidelity import FidelityConfig
+from pairaug_ray.train.t2i import T2IConfig
 from pairaug_ray.train.vlp import TrainConfig
 
 
@@ -45,6 +47,8 @@ class PairAugConfig(BaseModel):
     ablate: AblateConfig = Field(default_factory=AblateConfig)
     estimate: EstimateConfig = Field(default_factory=EstimateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    t2i: T2IConfig = Field(default_factory=T2IConfig)
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

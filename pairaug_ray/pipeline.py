@@ -12,6 +12,14 @@ Ingest: 1 list the source on the driver → 2 drop rows a previous run already w
 3 decode in an actor pool → 4 label → 5 write Parquet shards (studies + quarantine) → 6 the run
 manifest with counts. Only small summary rows come back to the driver.
 
+Augment: 1 the studies of the chosen splits, read on the driver → 2 plan candidates (deterministic
+pair ids) and count those not yet written: none = a finished job, no Ray and no pool → 3-7 rewrite,
+generate / edit, score, write the candidates: a pool per stage (``augment.profile: cluster``) or one
+pool running them all (``local``, ``stages/local.py``) → 8-9 the streaming prune
+(``stages/prune.py streaming_prune``: IntraAug means from per-shard partial sums, keep/prune and the
+kept pairs' write per shard; skipped when the same candidates were pruned by the same rules) → 10
+the manifest (``seconds``: ``to_first_candidate``, ``prune``, ``fixed`` = the two, ``total``).
+
 Both jobs check what the driver can before Ray starts (the source listing; ``checks.py`` for the
 rewrite backend, model folders, studies table and splits; the output folder's settings) and show
 one ``console.StepProgress`` per step. The manifests give per stage the pool size, busy and wall
@@ -42,11 +50,12 @@ from pairaug_ray.io.store import StorageConfig, Store
 from pairaug_ray.runtime import RayConfig, check_placement, init_ray, stage_requirements
 from pairaug_ray.stages.base import RESOURCE_FIELDS, TIMING_PREFIX, StageConfig, fingerprint, output_fingerprint
 from pairaug_ray.stages.decode import DecodeConfig, DecodeStage
-from pairaug_ray.stages.edit import EditConfig
+from pairaug_ray.stages.edit import EditConfig, unet_work_summary
 from pairaug_ray.stages.generate import GenerateConfig
 from pairaug_ray.stages.label import LabelConfig, LabelStage
+from pairaug_ray.stages.local import LocalConfig
 from pairaug_ray.stages.plan import PLAN_COLUMNS, pair_seed, plan_candidates  # noqa: F401 (re-exported)
-from pairaug_ray.stages.prune import PruneConfig
+from pairaug_ray.stages.prune import PruneConfig, StreamPruneConfig
 from pairaug_ray.stages.rewrite import RewriteConfig
 from pairaug_ray.stages.score import ScoreConfig
 from pairaug_ray.stages.write import WriteConfig, WriteStage
@@ -95,13 +104,25 @@ class AugmentConfig(_Strict):
     inter_variants: int = Field(1, ge=0, description="InterAug candidates per study")
     intra_variants: int = Field(2, ge=0, description="IntraAug candidates per study (reference: 10)")
     limit: int | None = Field(None, ge=1, description="augment at most this many studies")
+    profile: Literal["cluster", "local"] = Field(
+        "cluster", description="cluster: one actor pool per stage (rewrite, generate, edit, score, "
+        "write), each with its own resources; local: one pool (augment.local) whose actors run every "
+        "model stage and the write on each batch, loading each model once (a laptop or one node)")
+    local: LocalConfig = Field(default_factory=LocalConfig,
+                               description="profile local: the one pool's size, CPUs and threads")
     rewrite: RewriteConfig = Field(default_factory=RewriteConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     edit: EditConfig = Field(default_factory=EditConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
+    prune_tasks: StreamPruneConfig = Field(
+        default_factory=StreamPruneConfig, description="where the pruning pass runs: the driver "
+        "process for small tables, Ray tasks (shard groups) from ray_min_shards candidate shards on")
     write: WritePoolConfig = Field(default_factory=WritePoolConfig)
     report: bool = Field(True, description="write report.html with example grids and score histograms")
+    kept_fidelity_pairs: int = Field(512, ge=0, description="kept pairs per branch (a seeded sample) "
+                                     "whose classifier fidelity the scorer measures for the manifest "
+                                     "and report.html (train.fidelity.kept_pair_fidelity); 0 = off")
 
 
 def _sections(cfg, name: str, storage: StorageConfig | None, ray_cfg: RayConfig | None):
@@ -334,12 +355,14 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
 
     ``cfg`` is an ``AugmentConfig`` (with ``storage``/``ray`` keywords) or a whole job config.
     """
+    t_start = time.perf_counter()
     acfg, storage, ray_cfg = _sections(cfg, "augment", storage, ray)
     import ray
 
     from pairaug_ray.stages.edit import EditStage
     from pairaug_ray.stages.generate import GenerateStage
-    from pairaug_ray.stages.prune import apply_prune, intra_means
+    from pairaug_ray.stages.local import LocalStage, local_batch_rows, local_map_kwargs, torch_threads_for
+    from pairaug_ray.stages.prune import streaming_prune
     from pairaug_ray.stages.rewrite import RewriteStage
     from pairaug_ray.stages.score import ScoreStage
 
@@ -364,48 +387,73 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
     table = table.filter(pc.is_in(table.column("split"), pa.array(acfg.splits, pa.string())))
     if acfg.limit:
         table = table.slice(0, acfg.limit)
-    init_ray(ray_cfg)
-    check_placement(stage_requirements(acfg, "augment"), ray_cfg)  # fail now, not hang in Ray Data
-    t0 = time.perf_counter()
-    chunk = 16
-    src = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)])
-
     # 2. Plan candidates with deterministic pair ids; drop those a previous run wrote (resume).
+    #    Counted on the driver first: a finished job's re-run starts no Ray and no pool.
     done = frozenset(store.read_column(S.CANDIDATES_DIR, "pair_id")) | frozenset(
         store.read_column(S.QUARANTINE_DIR, "row_id"))
     per_study = acfg.inter_variants + acfg.intra_variants
-    planned = src.map_batches(plan_candidates, batch_format="pandas", batch_size=16, num_cpus=0.25,
-                              fn_kwargs={"inter_variants": acfg.inter_variants,
-                                                                  "intra_variants": acfg.intra_variants,
-                                                                  "seed": acfg.seed, "fp": fp, "done": done})
+    todo = _count_todo(table.column("row_id").to_pylist(), acfg, fp, done)
+    local = acfg.profile == "local"
+    inline_rewrite = not (acfg.rewrite.backend == "vllm" and acfg.rewrite.vllm.engine != "actor")
+    t0 = time.perf_counter()
+    ray_init_s = None
+    if todo:
+        ray_was_up = ray.is_initialized()
+        init_ray(ray_cfg)
+        ray_init_s = None if ray_was_up else round(time.perf_counter() - t0, 2)
+        check_placement(_used_requirements(acfg, inline_rewrite), ray_cfg)  # fail now, not hang in Ray Data
+    t0 = time.perf_counter()
+    # local: blocks of one pool batch (whole studies), so every actor gets work from the first blocks on
+    local_cfg = acfg.local.model_copy(update={"batch_size": local_batch_rows(
+        acfg.local, [acfg.rewrite, acfg.generate, acfg.edit, acfg.score] if inline_rewrite
+        else [acfg.generate, acfg.edit, acfg.score], per_study)})
+    chunk = max(1, local_cfg.batch_size // max(per_study, 1)) if local else 16
 
-    # 3-6. Rewrite → InterAug generate → IntraAug edit → score, each an actor pool.
-    if acfg.rewrite.backend == "vllm":
-        from pairaug_ray.stages.rewrite_vllm import add_vllm_rewrite
-
-        ds = add_vllm_rewrite(planned, acfg.rewrite)  # ray.data.llm chain (or in-actor engine)
-    else:
-        ds = planned.map_batches(RewriteStage, **acfg.rewrite.map_batches_kwargs(RewriteStage))
-    ds = ds.map_batches(GenerateStage, **acfg.generate.map_batches_kwargs(GenerateStage))
-    ds = ds.map_batches(EditStage, **acfg.edit.map_batches_kwargs(EditStage))
-    ds = ds.map_batches(ScoreStage, **acfg.score.map_batches_kwargs(ScoreStage))
-
-    # 7. Write every scored candidate (pass 1 of pruning needs them persisted) + quarantine.
+    # 3-7. Rewrite → InterAug generate → IntraAug edit → score → write every scored candidate
+    #      (+ quarantine; the pruning pass needs them persisted). cluster: an actor pool per stage;
+    #      local: one pool running them all (stages/local.py).
     wcfg = WriteConfig(out=acfg.out, storage=storage, table=S.CANDIDATES_DIR, schema_name="pair",
                        summary_columns=["branch", "rewrite_rejections"], **acfg.write.model_dump())
-    ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
-    # Total shown = candidates still to do (exact unless ``done`` holds ids of other splits).
-    progress = Progress("augment", max(table.num_rows * per_study - len(done), 0))
+    # the edit stage reads each IntraAug row's study image from the studies table (edit.source: real)
+    edit_cfg = acfg.edit.model_copy(update={"studies": acfg.studies, "storage": storage})
+    ds = None
+    if todo:
+        src = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)])
+        planned = src.map_batches(plan_candidates, batch_format="pandas", batch_size=chunk, num_cpus=0.25,
+                                  fn_kwargs={"inter_variants": acfg.inter_variants,
+                                             "intra_variants": acfg.intra_variants,
+                                             "seed": acfg.seed, "fp": fp, "done": done})
+        ds = planned
+        if not inline_rewrite:
+            from pairaug_ray.stages.rewrite_vllm import add_vllm_rewrite
+
+            ds = add_vllm_rewrite(planned, acfg.rewrite)  # the ray.data.llm chain
+        if local:
+            ds = ds.map_batches(LocalStage, **local_map_kwargs(
+                local_cfg, rewrite=acfg.rewrite if inline_rewrite else None, generate=acfg.generate,
+                edit=edit_cfg, score=acfg.score, write=wcfg))
+        else:
+            if inline_rewrite:
+                ds = ds.map_batches(RewriteStage, **acfg.rewrite.map_batches_kwargs(RewriteStage))
+            ds = ds.map_batches(GenerateStage, **acfg.generate.map_batches_kwargs(GenerateStage))
+            ds = ds.map_batches(EditStage, **edit_cfg.map_batches_kwargs(EditStage))
+            ds = ds.map_batches(ScoreStage, **acfg.score.map_batches_kwargs(ScoreStage))
+            ds = ds.map_batches(WriteStage, **wcfg.map_batches_kwargs(WriteStage))
+    progress = Progress("augment", todo)
     progress.note(f"{table.num_rows} studies of splits {list(acfg.splits)} × {per_study} candidates, "
-                  f"{len(done)} already written (rewrite → generate / edit → score → write)")
+                  f"{len(done)} already written, {todo} to do (profile {acfg.profile}: "
+                  + ("rewrite → generate / edit → score → write in one pool)" if local
+                     else "rewrite → generate / edit → score → write)"))
     clock = _StageClock()
     by_branch: Counter = Counter()
     rejections: Counter = Counter()
     claimed = False
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+    first_candidate_s = None
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None) if ds is not None else ():
         if not claimed and (batch["status"] == "ok").any():  # a candidate is committed: claim now
             _claim_output(store, fp, settings)
             claimed = True
+            first_candidate_s = round(time.perf_counter() - t_start, 2)
         progress.update(batch)
         clock.update(batch)
         if "rewrite_rejections" in batch:
@@ -414,44 +462,32 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
         for (branch, status), n in batch.groupby(["branch", "status"]).size().items():
             by_branch[f"{branch}:{status}"] += int(n)
     progress.close()
-    op_times = _operator_times(ds)
+    op_times = _operator_times(ds) if ds is not None else {}
+    if local and "local" in op_times:  # every sub-stage ran inside the local operator
+        op_times = {name: op_times["local"] for name in ("rewrite", "generate", "edit", "score", "write")}
     pass1_s = time.perf_counter() - t0
 
-    # 8. Pruning pass 1: global IntraAug means over the whole persisted candidate table.
-    score_cols = ["pair_id", "branch", "score_align", "score_delta", "score_img"]
-    scores = store.read_table(S.CANDIDATES_DIR, columns=score_cols)
-    if scores is None:  # every row failed: finish anyway, so the manifest says why
+    # 8-9. Pruning, streamed shard by shard (stages/prune.py streaming_prune): pass 1 = the global
+    #      IntraAug means from per-shard partial sums; pass 2 = keep/prune in the workers with only
+    #      the means shipped, kept rows written to pairs/; only counts come back. Skipped when the
+    #      same candidates were already pruned by the same rules (a finished job's re-run).
+    t_prune = time.perf_counter()
+    pruning = streaming_prune(store, acfg.prune, acfg.prune_tasks, candidates_dir=S.CANDIDATES_DIR,
+                              pairs_dir=S.PAIRS_DIR, on_ray=lambda: init_ray(ray_cfg))
+    prune_s = time.perf_counter() - t_prune
+    means = pruning["intra_means"]
+    if not pruning["shards"]:  # every row failed: finish anyway, so the manifest says why
         log.warning("no candidates were written under %s: every row is in the quarantine table "
                     "(see errors_by_stage_class and rewrite_rejections_this_run in the manifest)", acfg.out)
-        scores = pa.schema([S.PAIR_SCHEMA.field(c) for c in score_cols]).empty_table()
-    means = intra_means(scores)  # the score columns are already here: no second read
-
-    # 9. Pruning pass 2: keep/prune each candidate; the kept ones are the training pairs.
-    pruned = apply_prune(scores.to_pandas(), means, acfg.prune)
-    kept_ids = set(pruned.loc[pruned["kept"], "pair_id"])
-    already = set(store.read_column(S.PAIRS_DIR, "pair_id"))
-    to_write = kept_ids - already
-    if to_write:
-        reasons = dict(zip(pruned["pair_id"], pruned["prune_reason"]))
-        cands = store.ray_dataset(S.CANDIDATES_DIR)
-        pcfg = WriteConfig(out=acfg.out, storage=storage, table=S.PAIRS_DIR, schema_name="pair",
-                           summary_columns=["branch"], **acfg.write.model_dump())
-        sel = cands.map_batches(_select_kept, batch_format="pandas",
-                                fn_kwargs={"ids": frozenset(to_write), "reasons": reasons}, num_cpus=0.25)
-        sel = sel.map_batches(WriteStage, **pcfg.map_batches_kwargs(WriteStage))
-        pairs_progress = Progress("augment: kept pairs", len(to_write))
-        for batch in sel.iter_batches(batch_format="pandas", batch_size=None):
-            pairs_progress.update(batch)
-        pairs_progress.close()
 
     # 10. Manifest and visual report.
     branch_counts = {}
     for branch in ("inter", "intra"):
-        b = pruned[pruned["branch"] == branch]
+        b = pruning["branches"].get(branch, {"candidates": 0, "kept": 0, "pruned": 0})
         branch_counts[branch] = {
-            "candidates": int(len(b)),
-            "kept": int(b["kept"].sum()),
-            "pruned": int((~b["kept"]).sum()),
+            "candidates": b["candidates"],
+            "kept": b["kept"],
+            "pruned": b["pruned"],
             "this_run_written": by_branch.get(f"{branch}:ok", 0),
             "this_run_errors": by_branch.get(f"{branch}:error", 0),
         }
@@ -471,26 +507,57 @@ def run_augment(cfg, *, storage: StorageConfig | None = None, ray: RayConfig | N
         "skipped_already_written": len(done),
         "this_run_rows": progress.done,
         "branches": branch_counts,
-        "pairs_total": len(kept_ids),
+        # UNet sample-steps counted by generate / edit, per candidate and per kept pair, vs the reference
+        "unet_work": unet_work_summary(store, {b: c["kept"] for b, c in branch_counts.items()}),
+        "pairs_total": pruning["pairs_total"],
         "errors_by_stage_class": dict(sorted(errors.items())),
         "rewrite_rejections_this_run": dict(sorted(rejections.items())),
         "intra_means": means,
         "prune": acfg.prune.model_dump(),
+        "prune_reasons": pruning["prune_reasons"],
+        "prune_pass": {k: pruning[k] for k in ("skipped", "ran_on", "shards", "seconds")},
+        "profile": {"name": acfg.profile, **({"actors": [acfg.local.min_actors, acfg.local.max_actors],
+                                              "batch_rows": local_cfg.batch_size,
+                                              "num_cpus": acfg.local.num_cpus,
+                                              "torch_threads": torch_threads_for(acfg.local)} if local else {})},
         "stage_throughput": _stage_throughput(
             clock.seconds, clock.rows, op_times=op_times, write_rows=progress.done,
-            pools={name: getattr(acfg, name) for name in ("rewrite", "generate", "edit", "score", "write")}),
-        "seconds": {"generate_and_score": round(pass1_s, 2), "total": round(total_s, 2)},
+            pools={name: acfg.local if local else getattr(acfg, name)
+                   for name in ("rewrite", "generate", "edit", "score", "write")}),
+        "seconds": {"generate_and_score": round(pass1_s, 2), "prune": round(prune_s, 2),
+                    "to_first_candidate": first_candidate_s, "ray_init": ray_init_s,
+                    "fixed": round(first_candidate_s + prune_s, 2) if first_candidate_s is not None else None,
+                    "total": round(total_s, 2)},
         "pairs_per_s": round(progress.counts.get("ok", 0) / pass1_s, 3) if pass1_s else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if acfg.kept_fidelity_pairs and pruning["pairs_total"]:
+        manifest["kept_pair_fidelity"] = _kept_fidelity(store, acfg)
     if acfg.report:
         from pairaug_ray.run_report import write_report
 
         manifest["report"] = store.uri_of(write_report(
             store, studies, inter_threshold=acfg.prune.inter_threshold,
-            intra_margin=acfg.prune.intra_margin, intra_means=means))
+            intra_margin=acfg.prune.intra_margin, intra_means=means,
+            kept_fidelity=manifest.get("kept_pair_fidelity")))
     store.write_json(S.MANIFEST_FILE, manifest)
     return manifest
+
+
+def _kept_fidelity(store: Store, acfg) -> dict | None:
+    """Classifier fidelity of the kept pairs, scored by the run's scorer on the driver (a sample of
+    ``kept_fidelity_pairs`` per branch); None (logged) when it cannot be measured."""
+    from pairaug_ray.train.fidelity import kept_pair_fidelity
+
+    table = store.read_table(S.PAIRS_DIR, columns=["branch", "image_png", "labels"])
+    if table is None or not table.num_rows:
+        return None
+    table = table.filter(pc.is_in(table["branch"], pa.array(["inter", "intra"])))
+    try:
+        return kept_pair_fidelity(table, acfg.score.model, max_pairs=acfg.kept_fidelity_pairs, seed=acfg.seed)
+    except Exception as e:  # a measurement, not the job's output: never fail a finished job on it
+        log.warning("kept-pair fidelity not measured: %s: %s", type(e).__name__, e)
+        return None
 
 
 OUTPUT_SECTIONS = ("rewrite", "generate", "edit", "score")
@@ -566,8 +633,27 @@ def _claim_output(store: Store, fp: str, settings: dict) -> None:
                                   "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
-def _select_kept(batch: pd.DataFrame, ids: frozenset, reasons: dict) -> pd.DataFrame:
-    out = batch[batch["pair_id"].isin(ids)].copy()
-    out["kept"] = True
-    out["prune_reason"] = [reasons.get(p, "") for p in out["pair_id"]]
-    return out
+def _count_todo(row_ids: list[str], acfg, fp: str, done: frozenset) -> int:
+    """How many of the candidates planned for ``row_ids`` (``stages/plan.py``: same ids) are not
+    in ``done``: 0 = a finished job, nothing for Ray to do."""
+    from pairaug_ray.stages.plan import pair_id_of
+    from pairaug_ray.vocab import INTER, INTRA
+
+    n = 0
+    for rid in row_ids:
+        for branch, variants in ((INTER, acfg.inter_variants), (INTRA, acfg.intra_variants)):
+            for v in range(variants):
+                n += pair_id_of(rid, branch, v, fp, pair_seed(rid, branch, v, acfg.seed)) not in done
+    return n
+
+
+def _used_requirements(acfg, inline_rewrite: bool) -> list:
+    """The placement requirements of the pools this run starts: ``augment.local`` in the local
+    profile (plus the rewrite chain's pool when it runs outside it), every stage pool but
+    ``augment.local`` in the cluster profile."""
+    reqs = stage_requirements(acfg, "augment")
+    if acfg.profile == "local":
+        keep = {"augment.local"} | (set() if inline_rewrite else {"augment.rewrite"})
+    else:
+        keep = {r.stage for r in reqs} - {"augment.local"}
+    return [r for r in reqs if ".".join(r.stage.split(".")[:2]) in keep]

@@ -48,7 +48,8 @@ BRANCHES = tuple((b, BRANCH_TITLES[b], BRANCH_DESCRIPTIONS[b]) for b in BRANCH_N
 META_COLUMNS = ["pair_id", "branch", "variant", "source_row_id", "study_id", "report",
                 "rewritten_report", "change", *SCORE_COLUMNS, "kept", "prune_reason",
                 "rewrite_backend", "rewrite_model", "generator_model", "score_model",
-                "config_fingerprint", "code_version"]
+                "config_fingerprint", "code_version", "edit_source", "inversion_method", "inversion_psnr",
+                "sampler", "unet_sample_steps"]
 PROVENANCE_COLUMNS = ["rewrite_backend", "rewrite_model", "generator_model", "score_model",
                       "config_fingerprint", "code_version"]
 
@@ -391,6 +392,27 @@ def _put_png(data: ReportData, name: str, png: bytes | None) -> str | None:
 
 # ---------------------------------------------------------------- renderers
 
+def render_kept_fidelity(result: dict | None) -> str:
+    """The classifier fidelity of the kept pairs (``train.fidelity.kept_pair_fidelity``), in words
+    and as a table; empty without a result."""
+    if not result or not result.get("branches"):
+        return ""
+    rows = []
+    for branch, b in result["branches"].items():
+        for r in b["rows"]:
+            ci = "–" if r.get("ci_low") is None else f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            rows.append([branch, r["finding"], _fmt(r.get("auc"), 3) if r.get("auc") is not None else "too few",
+                         ci, r["n_with"], r["n_without"]])
+    scored = ", ".join(f"{b}: {v['n_scored']}" for b, v in result["branches"].items())
+    return ('<h2 id="kept-fidelity">Do the kept images show what their reports say?</h2>'
+            f"<p>Classifier fidelity of the kept pairs ({_e(scored)} scored): per finding, the ROC-AUC of "
+            f"the scorer's zero-shot probability of the finding between kept images whose report states "
+            f"it and kept images whose report negates or omits it. 1.0 = every image shows the finding "
+            f"where its report states it; 0.5 = no relation (or a scorer that cannot see it). Scorer: "
+            f"<code>{_e(result.get('vlp'))}</code>.</p>"
+            + _table(["branch", "finding", "AUC", "95% CI", "stated", "negated / omitted"], rows))
+
+
 def render_summary(data: ReportData) -> str:
     """Counts per branch, the pruning rules, the quarantine, the provenance."""
     store, studies_store, by_branch = data.store, data.studies_store, data.by_branch
@@ -512,13 +534,7 @@ def render_examples(data: ReportData, max_examples: int = 6, max_variants: int =
                 out.append(f'<div class="muted">{title}: no candidates for this study</div>')
                 continue
             if b == "intra":
-                ref = next((pix.get(r["pair_id"], {}).get("source_image_png") for r in cand_rows
-                            if pix.get(r["pair_id"], {}).get("source_image_png")), None)
-                if ref:
-                    ref_img = _put_png(data, f"ex{i}_intra_ref.png", _thumbnail(ref))
-                    cards.append('<div class="card src"><b>p2p reference</b>'
-                                 f'{_img(ref_img, "p2p reference")}<div class="muted">generation '
-                                 'of the source report that the edits start from</div></div>')
+                cards += _intra_source_cards(data, i, cand_rows, pix, src_img)
             for k, r in enumerate(cand_rows):
                 img = _put_png(data, f"ex{i}_{b}_{k}.png", _thumbnail(pix.get(r["pair_id"], {}).get("image_png")))
                 state = "kept" if r["kept"] else "pruned"
@@ -538,11 +554,45 @@ def render_examples(data: ReportData, max_examples: int = 6, max_variants: int =
     return "".join(out)
 
 
+def _intra_source_cards(data: ReportData, i: int, cand_rows: list[dict], pix: dict,
+                        src_img: str | None) -> list[str]:
+    """What IntraAug's edits start from, before the edits: for edits of the real image
+    (``edit_source`` "real") the real image and its reconstruction (the inversion decoded without
+    an edit, with its PSNR against the real image); for edits from noise (the reference; a missing
+    ``edit_source`` reads as noise) the generation of the source report."""
+    ref = next((pix.get(r["pair_id"], {}).get("source_image_png") for r in cand_rows
+                if pix.get(r["pair_id"], {}).get("source_image_png")), None)
+    real = [r for r in cand_rows if (r.get("edit_source") or "noise") == "real"]
+    cards = []
+    if real:
+        r0 = real[0]
+        method = r0.get("inversion_method") or "?"
+        cards.append('<div class="card src real"><b>real image</b>'
+                     f'{_img(src_img, "real image")}<div class="muted">the study image the edits '
+                     'start from</div></div>')
+        if ref:
+            rec = _put_png(data, f"ex{i}_intra_recon.png", _thumbnail(ref))
+            cards.append('<div class="card src recon"><b>reconstruction</b>'
+                         f'{_img(rec, "reconstruction")}<div class="muted">{_e(method)} inversion '
+                         f'({_e(r0.get("sampler") or "?")}), decoded without an edit: PSNR '
+                         f'{_fmt(r0.get("inversion_psnr"), 1)} dB vs the real image</div></div>')
+        if len(real) < len(cand_rows):
+            cards.append(f'<div class="muted">{len(cand_rows) - len(real)} of these edits started from '
+                         'noise (no study image)</div>')
+    elif ref:
+        ref_img = _put_png(data, f"ex{i}_intra_ref.png", _thumbnail(ref))
+        cards.append('<div class="card src"><b>p2p reference</b>'
+                     f'{_img(ref_img, "p2p reference")}<div class="muted">generation '
+                     'of the source report that the edits start from</div></div>')
+    return cards
+
+
 # ---------------------------------------------------------------- the report
 
 def write_report(store: Store, studies_store: Store | None = None, max_examples: int = 6,
                  inter_threshold: float | None = None, intra_margin: float | None = None,
-                 intra_means: dict | None = None, max_variants: int = 4) -> str:
+                 intra_means: dict | None = None, max_variants: int = 4,
+                 kept_fidelity: dict | None = None) -> str:
     """Write ``report.html`` and ``report/*.png`` into the run folder of `store`; return
     ``"report.html"`` (relative to the run folder).
 
@@ -550,6 +600,7 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
     Thresholds default to stages/prune.py's PruneConfig; `intra_means`
     ({"score_align": m, "score_delta": m, "score_img": m}) defaults to the means over the
     IntraAug candidates. `max_variants` caps the candidates shown per branch and source study.
+    `kept_fidelity` (``train.fidelity.kept_pair_fidelity``'s result) adds its table.
     """
     data = gather(store, studies_store, inter_threshold, intra_margin, intra_means)
     page = ["<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>PairAug run report</title>"
@@ -557,7 +608,8 @@ def write_report(store: Store, studies_store: Store | None = None, max_examples:
             f"<h1>PairAug run report</h1><p class=\"muted\">run folder: {_e(store.uri)}<br>"
             f"studies: {_e(data.studies_store.uri)} · candidates read from "
             f"<code>{_e(data.table_name)}</code></p>",
-            render_summary(data), render_scores(data), render_examples(data, max_examples, max_variants),
+            render_summary(data), render_kept_fidelity(kept_fidelity), render_scores(data),
+            render_examples(data, max_examples, max_variants),
             "</body></html>"]
     store.write_bytes(REPORT_FILE, "\n".join(page).encode("utf-8"))
     return REPORT_FILE

@@ -88,4 +88,5 @@ ABLATION_VARIANTS: dict[str, list[str]] = {
     "pairaug": ["original", "inter", "intra"],
     "text_only": ["original", "text_only"],
     "image_only": ["original", "image_only"],
+    "synthetic": ["inter", "intra"],      # (g) augmented pairs without the real ones (SynCXR-style)
 }

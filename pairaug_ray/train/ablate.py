@@ -8,12 +8,15 @@ Variants (``train_vlp(mix=...)``; same initial weights, seed, step budget and ba
     (d) pairaug      + both                                       mix [original, inter, intra]
     (e) text_only    + rewritten reports with the original image  mix [original, text_only]
     (f) image_only   + classical image transforms, original text  mix [original, image_only]
+    (g) synthetic    augmented pairs only, no real ones (SynCXR)  mix [inter, intra]
 
 Sources are sampled in proportion to their sizes (``TrainConfig.ratio`` empty); with the same step
 budget every variant sees the same number of samples, so an augmented variant sees fewer real
 ones (as when the paper adds augmented pairs to the training set). Each trained VLP is evaluated
 zero-shot (CheXzero protocol, ``zeroshot.py``) and fine-tuned on 1% / 10% / 100% of the training
-labels (linear probe by default, ``finetune.py``), all on the same test split.
+labels (linear probe by default, ``finetune.py``), all on the same test split. Each variant's
+zero-shot mean AUC is compared with (a)'s by a paired bootstrap over the test images
+(``zeroshot.paired_mean_auc_diff``: the CI of the difference itself).
 
 Output under ``out`` (local or ``s3://``): ``runs/<variant>/`` (the training runs; re-running
 resumes / reuses them), ``ablation.md`` (the table + per-class detail), ``ablation.json``,
@@ -44,6 +47,7 @@ VARIANTS: dict[str, list[str]] = ABLATION_VARIANTS
 VARIANT_LABELS = {
     "original": "(a) original", "inter": "(b) + InterAug", "intra": "(c) + IntraAug",
     "pairaug": "(d) + both (PairAug)", "text_only": "(e) text-only aug.", "image_only": "(f) image-only aug.",
+    "synthetic": "(g) synthetic only",
 }
 
 
@@ -116,7 +120,7 @@ def ablation_markdown(res: dict) -> str:
 
     fracs = res["fractions"]
     head = ["variant", "training items (per source)", "final loss", "zero-shot mean AUC",
-            "zero-shot CheXpert-5"] + [f"FT {f * 100:g}% mean AUC" for f in fracs]
+            "Δ vs (a), paired 95% CI", "zero-shot CheXpert-5"] + [f"FT {f * 100:g}% mean AUC" for f in fracs]
     lines = [f"VLP: {res['steps']} steps x batch {res['batch_size']}, seed {res['seed']}, from "
              f"`{res['model']}`; zero-shot and fine-tuning ({res['finetune_mode']}, "
              f"{res['finetune_steps']} steps) on split `{res['split']}` of `{res['studies']}` "
@@ -129,34 +133,14 @@ def ablation_markdown(res: dict) -> str:
         ci = ""
         if zs.get("mean_ci_low") is not None:
             ci = f" [{zs['mean_ci_low']:.2f}, {zs['mean_ci_high']:.2f}]"
+        d = zs.get("diff_vs_original") or {}
+        diff = "–" if d.get("diff") is None else f"{d['diff']:+.3f}" + (
+            "" if d.get("ci_low") is None else f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
         lines.append(f"| {VARIANT_LABELS[v]} | {items} | {_num(m['final_loss'])} | "
-                     f"{_num(zs['mean_auc'])}{ci} | {_num(zs['mean_auc_chexpert5'])} | "
+                     f"{_num(zs['mean_auc'])}{ci} | {diff} | {_num(zs['mean_auc_chexpert5'])} | "
                      + " | ".join(_num(ft.get(f)) for f in fracs) + " |")
     lines += ["", "Per-class zero-shot detail:", "", results_markdown({**res, "finetune_fractions": []})]
     return "\n".join(lines) + "\n"
-
-
-def _mean_auc_ci(y: np.ndarray, scores: np.ndarray, bootstrap: int, seed: int) -> tuple:
-    """Bootstrap CI of the mean over classes of the per-class AUC (images resampled jointly)."""
-    from sklearn.metrics import roc_auc_score
-
-    if bootstrap <= 0:
-        return None, None
-    rng = np.random.default_rng(seed)
-    means = []
-    for _ in range(bootstrap):
-        idx = rng.integers(0, len(y), len(y))
-        aucs = []
-        for j in range(y.shape[1]):
-            yy, ss = y[idx, j], scores[idx, j]
-            keep = ~np.isnan(yy)
-            if keep.any() and yy[keep].min() != yy[keep].max():
-                aucs.append(roc_auc_score(yy[keep].astype(int), ss[keep]))
-        if aucs:
-            means.append(np.mean(aucs))
-    if not means:
-        return None, None
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def run_ablate(cfg: AblateConfig, storage: StorageConfig | None = None) -> dict:
@@ -168,7 +152,7 @@ def run_ablate(cfg: AblateConfig, storage: StorageConfig | None = None) -> dict:
     from pairaug_ray.train.evaluate import plot_auc_bars, plot_roc
     from pairaug_ray.train.finetune import finetune_models
     from pairaug_ray.train.vlp import TrainConfig, train_vlp
-    from pairaug_ray.train.zeroshot import load_labeled, parse_templates, zeroshot_eval
+    from pairaug_ray.train.zeroshot import load_labeled, paired_mean_auc_diff, parse_templates, zeroshot_eval
 
     t0 = time.perf_counter()
     storage = storage or StorageConfig()
@@ -202,7 +186,7 @@ def run_ablate(cfg: AblateConfig, storage: StorageConfig | None = None) -> dict:
                                uncertain=cfg.uncertain, return_scores=True)
             y, scores = np.asarray(zs.pop("y"), dtype=np.float32), np.asarray(zs.pop("scores"))
             curves[variant] = (y, scores)
-            zs["mean_ci_low"], zs["mean_ci_high"] = _mean_auc_ci(y, scores, cfg.bootstrap, cfg.seed)
+            zs["mean_ci_low"], zs["mean_ci_high"] = zs.get("mean_auc_ci") or (None, None)
             loaded[variant] = model
             res["models"][variant] = {
                 "uri": trained["model_dir"], "mix": VARIANTS[variant], "label": VARIANT_LABELS[variant],
@@ -212,7 +196,13 @@ def run_ablate(cfg: AblateConfig, storage: StorageConfig | None = None) -> dict:
                 "train_seconds": round(train_s, 2), "zeroshot": zs, "finetune": []}
             res["n_images"] = zs["n_images"]
             res["templates"] = zs["templates"]
-    if cfg.fractions:  # 2. fine-tune every variant on every fraction, in one Ray Train run
+    if "original" in curves:  # 2. each variant against (a), paired over the same test images
+        y0, s0 = curves["original"]
+        for variant, (y, scores) in curves.items():
+            if variant != "original":
+                res["models"][variant]["zeroshot"]["diff_vs_original"] = paired_mean_auc_diff(
+                    y0, scores, s0, cfg.bootstrap, cfg.seed)
+    if cfg.fractions:  # 3. fine-tune every variant on every fraction, in one Ray Train run
         tf = time.perf_counter()
         train_data = load_labeled(cfg.studies, "train", storage,
                                   image_size=next(iter(loaded.values())).config.image_size)

@@ -73,9 +73,9 @@ def _items(source: str, ids, images, texts, transform: str = "none") -> pa.Table
 
 
 def _usable(table: pa.Table, text_col: str) -> pa.Table:
-    """Rows with an image and a non-empty text."""
-    mask = pc.and_(pc.is_valid(table["image_png"]),
-                   pc.greater(pc.utf8_length(pc.fill_null(table[text_col], "")), 0))
+    """Rows with an image and a text that is not empty or whitespace only."""
+    text = pc.utf8_trim_whitespace(pc.fill_null(table[text_col], ""))
+    mask = pc.and_(pc.is_valid(table["image_png"]), pc.greater(pc.utf8_length(text), 0))
     return table.filter(mask)
 
 

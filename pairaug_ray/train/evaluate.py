@@ -100,6 +100,10 @@ def results_markdown(results: dict) -> str:
                        ("mean_auc_chexpert5", "**mean CheXpert-5**")):
         lines.append(f"| {label} | | " + " | ".join(
             _num(results["models"][n]["zeroshot"][key]) for n in names) + " |")
+    cis = [results["models"][n]["zeroshot"].get("mean_auc_ci") for n in names]
+    if any(cis):
+        lines.append("| *95% CI of the mean (images resampled)* | | " + " | ".join(
+            f"[{c[0]:.3f}, {c[1]:.3f}]" if c else "n/a" for c in cis) + " |")
     ft_fracs = results.get("finetune_fractions") or []
     if ft_fracs:
         lines += ["", f"Fine-tuned ({results['finetune_mode']}, {results['finetune_steps']} steps) "

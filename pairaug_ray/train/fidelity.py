@@ -604,6 +604,96 @@ def classifier_fidelity(generate: Generate, vlp: Any, reports: Sequence[str] | N
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def kept_pair_fidelity(pairs, vlp: Any, findings: Sequence[str] | None = None,
+                       branches: Sequence[str] = ("inter", "intra"), max_pairs: int = 512, seed: int = 0,
+                       bootstrap: int = 200, min_each: int = 3, batch_size: int = 64) -> dict:
+    """Classifier fidelity of an augment run's kept pairs: does each kept image show what its
+    (rewritten) report says, as the VLP reads it?
+
+    ``pairs``: a ``pyarrow.Table`` (or DataFrame) of the pairs table with ``branch``, ``image_png``
+    and ``labels`` (the labeler's ``{observation: state}`` JSON of ``rewritten_report``); ``vlp``: a
+    ``load_vlp`` URI or a loaded ``VLPModel``. Per branch, at most ``max_pairs`` rows (a seeded
+    sample) are scored with ``train.zeroshot.zeroshot_scores`` (P(finding), CheXzero prompts).
+    Per branch and finding: ROC-AUC of that probability between the pairs whose report states
+    the finding (state 1) and the pairs whose report negates it or does not mention it (uncertain
+    ones left out), with a percentile bootstrap CI over rows (``bootstrap`` resamples; resamples
+    with one class are skipped). 1.0 = the images show the finding exactly where their reports
+    state it; 0.5 = no relation (or a scorer that cannot see it). Unlike ``classifier_fidelity``
+    this is not a paired design: the kept images are what it measures. A finding with fewer than
+    ``min_each`` rows on either side gets ``auc`` None.
+
+    Returns {"vlp", "measurement", "max_pairs", "branches": {branch: {"n_scored", "rows": [...]}}},
+    rows {"finding", "auc", "ci_low", "ci_high", "n_with", "n_without", "mean_with", "mean_without"}.
+    """
+    import json
+
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from pairaug_ray.io.dicom import decode_png
+    from pairaug_ray.models.vlp import load_vlp
+    from pairaug_ray.train.zeroshot import encode_images, prompt_embeddings, zeroshot_scores
+
+    df = pairs.to_pandas() if hasattr(pairs, "to_pandas") else pairs
+    findings = list(findings or CLASSIFIER_FINDINGS)
+    out: dict[str, Any] = {"vlp": str(vlp) if isinstance(vlp, (str, os.PathLike)) else "in-memory model",
+                           "measurement": "zero-shot P(finding) of the VLP ('{label}' vs 'no {label}', "
+                           "CheXzero) of kept images: report states it vs negates or omits it",
+                           "max_pairs": max_pairs, "branches": {}}
+    todo = {b: df[df["branch"] == b] for b in branches}
+    todo = {b: d for b, d in todo.items() if len(d)}
+    if not todo:
+        return out
+    model = load_vlp(vlp) if isinstance(vlp, (str, os.PathLike)) else vlp
+    model.eval()
+    pos_emb, neg_emb = prompt_embeddings(model, findings)
+    rng = np.random.default_rng(seed)
+    for branch, d in todo.items():
+        if len(d) > max_pairs:
+            d = d.iloc[np.sort(rng.choice(len(d), max_pairs, replace=False))]
+        images = [decode_png(b) for b in d["image_png"]]
+        size = min(im.shape[0] for im in images)
+        images = np.stack([_resize(im, size) for im in images]).astype(np.float32)
+        with torch.no_grad():
+            probs = zeroshot_scores(encode_images(model, images, batch_size), pos_emb, neg_emb)
+        states = [json.loads(x) if isinstance(x, str) and x else {} for x in d["labels"]]
+        rows = []
+        for k, finding in enumerate(findings):
+            st = np.array([s.get(finding, NEGATIVE) for s in states], dtype=float)
+            with_, without = probs[st == POSITIVE, k], probs[st == NEGATIVE, k]   # absent counts as negated
+            row = {"finding": finding, "auc": None, "ci_low": None, "ci_high": None,
+                   "n_with": int(len(with_)), "n_without": int(len(without)),
+                   "mean_with": float(with_.mean()) if len(with_) else None,
+                   "mean_without": float(without.mean()) if len(without) else None}
+            if len(with_) >= min_each and len(without) >= min_each:
+                y = np.r_[np.ones(len(with_)), np.zeros(len(without))]
+                x = np.r_[with_, without]
+                row["auc"] = float(roc_auc_score(y, x))
+                stats = []
+                for _ in range(bootstrap):
+                    idx = rng.integers(0, len(y), len(y))
+                    if 0 < y[idx].sum() < len(idx):
+                        stats.append(roc_auc_score(y[idx], x[idx]))
+                if stats:
+                    row["ci_low"], row["ci_high"] = (float(np.quantile(stats, 0.025)),
+                                                     float(np.quantile(stats, 0.975)))
+            rows.append(row)
+        out["branches"][branch] = {"n_scored": int(len(d)), "rows": rows}
+    return out
+
+
+def kept_fidelity_markdown(result: dict) -> str:
+    """The table of a ``kept_pair_fidelity`` result: one row per branch and finding with an AUC."""
+    lines = ["| Branch | Finding | AUC | 95% CI | Stated | Negated / omitted |", "|---|---|---|---|---|---|"]
+    for branch, b in (result.get("branches") or {}).items():
+        for r in b["rows"]:
+            if r["auc"] is None:
+                continue
+            ci = "n/a" if r["ci_low"] is None else f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            lines.append(f"| {branch} | {r['finding']} | {r['auc']:.3f} | {ci} | {r['n_with']} | {r['n_without']} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # Generator, config, job
 

@@ -233,13 +233,85 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def mean_auc_ci(y: np.ndarray, scores: np.ndarray, bootstrap: int = 200, seed: int = 0,
+                alpha: float = 0.05) -> list[float] | None:
+    """Percentile-bootstrap CI [low, high] of the mean over classes of the per-class ROC-AUC, with
+    images (rows of the [N, C] ``y`` / ``scores``) resampled together, so the classes' correlation
+    is kept; in a resample a class without both labels is left out of that resample's mean. None
+    without classes or resamples."""
+    from sklearn.metrics import roc_auc_score
+
+    if bootstrap <= 0 or y.size == 0 or y.shape[1] == 0:
+        return None
+    rng = np.random.default_rng(seed + 7_777)
+    stats = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(y), len(y))
+        aucs = []
+        for j in range(y.shape[1]):
+            t, sc = y[idx, j], scores[idx, j]
+            keep = ~np.isnan(t)
+            if keep.any() and t[keep].min() != t[keep].max():
+                aucs.append(roc_auc_score(t[keep].astype(int), sc[keep]))
+        if aucs:
+            stats.append(float(np.mean(aucs)))
+    if not stats:
+        return None
+    return [float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))]
+
+
+def _mean_auc(y: np.ndarray, scores: np.ndarray) -> float | None:
+    """Mean over the classes (columns) that hold both labels of the per-class ROC-AUC; NaN
+    targets left out. None when no class can be scored."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for j in range(y.shape[1]):
+        keep = ~np.isnan(y[:, j])
+        t = y[keep, j]
+        if len(t) and t.min() != t.max():
+            aucs.append(roc_auc_score(t.astype(int), scores[keep, j]))
+    return float(np.mean(aucs)) if aucs else None
+
+
+def paired_mean_auc_diff(y: np.ndarray, scores_b: np.ndarray, scores_a: np.ndarray, bootstrap: int = 200,
+                         seed: int = 0, alpha: float = 0.05) -> dict:
+    """Difference of mean AUC, model B minus model A, on the same images, with a paired bootstrap
+    CI: each resample draws images once and scores both models on them, so the CI is of the
+    difference itself (narrower than comparing two separate CIs when the models agree on which
+    images are hard). ``y`` [N, C] targets (NaN = left out), ``scores_*`` [N, C].
+
+    Returns {"diff", "ci_low", "ci_high", "p_b_better"}: ``p_b_better`` = the share of resamples
+    where B's mean is higher. None values when no class can be scored."""
+    out = {"diff": None, "ci_low": None, "ci_high": None, "p_b_better": None}
+    a, b = _mean_auc(y, scores_a), _mean_auc(y, scores_b)
+    if a is None or b is None:
+        return out
+    out["diff"] = b - a
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed + 31_337)
+        diffs = []
+        for _ in range(bootstrap):
+            idx = rng.integers(0, len(y), len(y))
+            ma, mb = _mean_auc(y[idx], scores_a[idx]), _mean_auc(y[idx], scores_b[idx])
+            if ma is not None and mb is not None:
+                diffs.append(mb - ma)
+        if diffs:
+            out["ci_low"] = float(np.quantile(diffs, alpha / 2))
+            out["ci_high"] = float(np.quantile(diffs, 1 - alpha / 2))
+            out["p_b_better"] = float(np.mean(np.asarray(diffs) > 0))
+    return out
+
+
 def score_classes(y: np.ndarray, scores: np.ndarray, classes: Sequence[str], bootstrap: int = 200,
                   seed: int = 0) -> dict:
     """Per-class AUC + CI for [N, C] targets and scores; mean over classes with an AUC."""
     per = {c: auc_with_ci(y[:, j], scores[:, j], bootstrap=bootstrap, seed=seed + j)
            for j, c in enumerate(classes)}
+    scored = [j for j, c in enumerate(classes) if per[c]["auc"] is not None]
     return {"classes": per,
             "mean_auc": _mean(r["auc"] for r in per.values()),
+            "mean_auc_ci": mean_auc_ci(y[:, scored], scores[:, scored], bootstrap, seed),
             "mean_auc_chexpert5": _mean(per[c]["auc"] for c in CHEXPERT5 if c in per),
             "n_images": int(len(y)),
             "n_classes_scored": sum(r["auc"] is not None for r in per.values())}

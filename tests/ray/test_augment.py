@@ -87,6 +87,21 @@ def test_counts_schema_and_provenance(studies, clean_run):
     assert json.load(open(os.path.join(out, "manifest.json")))["pairs_total"] == pairs.num_rows
 
 
+def test_intraaug_edits_the_study_image_and_counts_unet_work(clean_run):
+    """edit.source: real (the default): IntraAug rows are edits of their study's own image (joined
+    from the studies table by source_row_id), and the manifest reports counted UNet work."""
+    out, manifest = clean_run
+    cands = Store(out).read_table(S.CANDIDATES_DIR).to_pylist()
+    intra = [r for r in cands if r["branch"] == "intra"]
+    assert intra and {r["edit_source"] for r in intra} == {"real"}
+    assert all(r["inversion_method"] == "direct" and r["inversion_psnr"] > 0 for r in intra)
+    assert all(r["unet_sample_steps"] > 0 for r in cands)
+    work = manifest["unet_work"]
+    assert work["intra"]["edit_source"] == {"real": len(intra)}
+    assert work["intra"]["reference"]["per_candidate"] == 300 and work["inter"]["reference"]["per_candidate"] == 100
+    assert work["intra"]["sample_steps"] == pytest.approx(sum(r["unet_sample_steps"] for r in intra), rel=1e-6)
+
+
 def test_second_run_writes_nothing(studies, clean_run):
     out, first = clean_run
     listing = lambda: sorted(os.listdir(os.path.join(out, "candidates"))) + sorted(
@@ -196,15 +211,36 @@ def test_a_failed_first_run_leaves_the_folder_to_the_corrected_command(studies, 
     assert Store(out).read_json(S.RUN_FILE)["config_fingerprint"] == manifest["config_fingerprint"]
 
 
+# The demo's generator at toy scale: 32 px, 2 VAE + 3 UNet steps.
+TINY_T2I = ["t2i.init=tiny://sd?size=32&seed=0", "t2i.steps=3", "t2i.vae_steps=2", "t2i.batch_size=4",
+            "t2i.vae_batch_size=4", "t2i.cpus_per_worker=0.5", "t2i.checkpoint_every=100",
+            "fidelity.n_pairs=4", "fidelity.steps=2", "fidelity.bootstrap=10"]
+
+
 def test_demo_runs_small(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rc = cli_main(["demo", "--n", "10", "--size", "64", "--out", str(out), "ingest.decode.image_size=32",
-                   *FAST, "train.steps=4", "train.checkpoint_every=4", "train.batch_size=8",
-                   "train.warmup_steps=1", "train.image_size=32"])
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    rc = cli_main(["demo", "--n", "10", "--size", "64", "--out", str(out), "--cache", str(cache),
+                   "ingest.decode.image_size=32", *FAST, *TINY_T2I, "train.steps=4", "train.checkpoint_every=4",
+                   "train.batch_size=8", "train.warmup_steps=1", "train.image_size=32"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "PairAug demo finished" in text and "training pairs" in text
     assert "zero-shot mean AUC  : original" in text and "zero-shot mean AUC  : pairaug" in text
+    # the generator was trained into the cache, and generate / edit drew with it
+    (run,) = cache.iterdir()
+    assert (run / "model" / "model_index.json").exists()
+    cands = pq.read_table(out / "augment" / "candidates", columns=["branch", "generator_model"]).to_pylist()
+    assert {c["generator_model"] for c in cands} == {str(run / "model")}
+    assert "generator           : " + str(run / "model") + " (trained" in text
+    assert "InterAug threshold  : " in text and "| Cardiomegaly | physical |" in text
+    assert (out / "fidelity" / "fidelity.json").exists()
+    # the same data and settings: the cached generator comes back without training
+    from pairaug_ray.config import load_config
+    from pairaug_ray.train.t2i import cached_t2i
+
+    cfg = load_config(DEMO, [f"t2i.studies={out / 'ingest'}", *TINY_T2I])
+    again = cached_t2i(cfg.t2i, cache_dir=str(cache))
+    assert again["reused"] and again["model_dir"] == str(run / "model")
     assert (out / "train" / "original" / "model" / "config.json").exists()
     assert (out / "train" / "pairaug" / "model" / "config.json").exists()
     assert (out / "evaluate" / "results.md").exists()

@@ -43,7 +43,7 @@ def test_demo_console_is_short_and_clean(tmp_path):
     env["PYTHONPATH"] = str(REPO)
     out = subprocess.run(
         [sys.executable, "-m", "pairaug_ray.cli", "demo", "--n", "8", "--size", "64", "--no-train",
-         "--out", str(tmp_path / "demo"), *SMALL],
+         "--generator", "tiny://sd?size=32&seed=0", "--out", str(tmp_path / "demo"), *SMALL],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=600, env=env, cwd=REPO)
     console = out.stdout

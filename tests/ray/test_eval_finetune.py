@@ -117,8 +117,13 @@ def test_ablation_end_to_end_from_the_cli_args(studies, pairs, tmp_path):
         assert m["zeroshot"]["mean_auc"] is not None
         assert [r["fraction"] for r in m["finetune"]] == [0.5]
         assert m["finetune"][0]["mean_auc"] is not None
+    diff = res["models"]["pairaug"]["zeroshot"]["diff_vs_original"]
+    zs = {v: res["models"][v]["zeroshot"]["mean_auc"] for v in ("original", "pairaug")}
+    assert abs(diff["diff"] - (zs["pairaug"] - zs["original"])) < 1e-9
+    assert "diff_vs_original" not in res["models"]["original"]["zeroshot"]
     md = (out / "ablation.md").read_text()
     assert "(a) original" in md and "(d) + both (PairAug)" in md and "FT 50% mean AUC" in md
+    assert "Δ vs (a), paired 95% CI" in md and f"{diff['diff']:+.3f}" in md
     assert (out / "auc_bars.png").stat().st_size > 0
     assert (out / "runs" / "pairaug" / "model" / "config.json").exists()
 

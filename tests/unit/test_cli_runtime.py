@@ -61,7 +61,8 @@ def test_flags_win_over_overrides_and_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("job,command", [("ingest", "ingest"), ("augment", "augment"), ("train_vlp", "train"),
-                                         ("evaluate", "evaluate"), ("ablate", "ablate")])
+                                         ("evaluate", "evaluate"), ("ablate", "ablate"),
+                                         ("train_t2i", "train-t2i")])
 def test_job_entry_points_parse_like_the_command(job, command):
     out = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from pairaug_ray import console
 from pairaug_ray.console import StepProgress, duration, status_line

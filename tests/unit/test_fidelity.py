@@ -279,3 +279,63 @@ def test_image_generator_builds_the_stage_generator_from_a_model_string():
     # Seeded per prompt: the same image in another batch (up to float rounding of batched maths).
     np.testing.assert_allclose(a, gen(["Large left pleural effusion."], [1])[0], atol=1e-5)
     assert not np.array_equal(a, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kept-pair classifier fidelity (the augment manifest's table)
+
+
+class BrightnessVLP:
+    """A scorer that reads any finding from the image's brightness: P(finding) rises with the mean
+    pixel ("{label}" and "no {label}" prompts point in opposite directions)."""
+
+    def eval(self):
+        return self
+
+    def encode_image(self, pixels):
+        import torch
+
+        m = pixels.float().mean(dim=(1, 2)) * 2 - 1
+        return torch.nn.functional.normalize(torch.stack([m, torch.full_like(m, 0.1)], 1), dim=-1)
+
+    def encode_text(self, texts):
+        import torch
+
+        return torch.tensor([[-1.0, 0.0] if t.startswith("no ") else [1.0, 0.0] for t in texts])
+
+
+def _kept_pairs(n: int, bright_means: str, branch: str = "inter"):
+    from pairaug_ray.io.dicom import encode_png
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        stated = i % 2 == 0
+        bright = stated if bright_means == "stated" else not stated
+        img = np.clip(rng.normal(0.7 if bright else 0.3, 0.05, (16, 16)), 0, 1).astype(np.float32)
+        labels = {"Cardiomegaly": POSITIVE if stated else NEGATIVE}
+        if i % 3 == 0:
+            labels["Edema"] = POSITIVE                   # unrelated to brightness
+        if i < 2:
+            labels["Pneumothorax"] = POSITIVE            # too few stated rows for an AUC
+        rows.append({"branch": branch, "image_png": encode_png(img, bits=8), "labels": json.dumps(labels)})
+    return pa.Table.from_pylist(rows)
+
+
+def test_kept_pair_fidelity_reads_what_the_images_show():
+    findings = ["Cardiomegaly", "Edema", "Pneumothorax"]
+    good = F.kept_pair_fidelity(_kept_pairs(40, "stated"), BrightnessVLP(), findings, bootstrap=50)
+    rows = {r["finding"]: r for r in good["branches"]["inter"]["rows"]}
+    assert rows["Cardiomegaly"]["auc"] == 1.0 and rows["Cardiomegaly"]["n_with"] == 20
+    assert rows["Cardiomegaly"]["ci_low"] is not None
+    assert 0.3 < rows["Edema"]["auc"] < 0.7                  # unrelated to what is drawn
+    assert rows["Pneumothorax"]["auc"] is None               # 2 stated rows: no AUC
+    # images that show the finding where the report negates it score 0
+    bad = F.kept_pair_fidelity(_kept_pairs(40, "negated"), BrightnessVLP(), findings, bootstrap=0)
+    assert bad["branches"]["inter"]["rows"][0]["auc"] == 0.0
+    # a sample of at most max_pairs rows per branch; branches without rows are absent
+    capped = F.kept_pair_fidelity(_kept_pairs(40, "stated"), BrightnessVLP(), findings, max_pairs=10,
+                                  bootstrap=0)
+    assert capped["branches"]["inter"]["n_scored"] == 10 and "intra" not in capped["branches"]
+    table = F.kept_fidelity_markdown(good)
+    assert "| inter | Cardiomegaly | 1.000 |" in table and "Pneumothorax" not in table

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 
-from pairaug_ray.models.vlp import (INIT_LOGIT_SCALE, VLPModel, clip_loss, gather_features,
+from pairaug_ray.models.vlp import (INIT_LOGIT_SCALE, clip_loss, gather_features,
                                     load_vlp, minilm_path, save_vlp, tiny_vlp)
 
 TEXTS = ["No acute cardiopulmonary process.", "Small left pleural effusion.",

@@ -179,3 +179,26 @@ def test_chexpert_style_manifest_csv(tmp_path):
     assert data.patient_ids == ["patient640", "patient640", "patient641"]
     y = label_matrix(data.labels, ["Cardiomegaly", "Pleural Effusion", "Edema"])
     assert y[:, 0].tolist() == [1, 0, 0] and np.isnan(y[1, 1]) and y[:, 2].tolist() == [0, 0, 0]
+
+
+def test_mean_auc_ci_and_the_paired_difference():
+    from pairaug_ray.train.zeroshot import mean_auc_ci, paired_mean_auc_diff, score_classes
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((300, 3)) < 0.4).astype(np.float32)
+    y[:10, 2] = np.nan                                   # uncertain: left out
+    good = y + rng.normal(0, 0.6, y.shape)               # informative scores
+    better = y + rng.normal(0, 0.3, y.shape)
+    noise = rng.normal(0, 1, y.shape)
+    res = score_classes(y, np.nan_to_num(good), ["a", "b", "c"], bootstrap=100, seed=0)
+    lo, hi = res["mean_auc_ci"]
+    assert lo < res["mean_auc"] < hi and hi - lo < 0.15
+    d = paired_mean_auc_diff(y, np.nan_to_num(better), np.nan_to_num(good), bootstrap=100)
+    assert d["diff"] > 0 and d["ci_low"] > 0 and d["p_b_better"] == 1.0     # clearly better
+    d = paired_mean_auc_diff(y, noise, np.nan_to_num(good), bootstrap=100)
+    assert d["diff"] < 0 and d["ci_high"] < 0                                 # clearly worse
+    same = paired_mean_auc_diff(y, np.nan_to_num(good), np.nan_to_num(good), bootstrap=50)
+    assert same["diff"] == 0 and same["ci_low"] == same["ci_high"] == 0       # paired: no spread
+    assert mean_auc_ci(y[:, :0], good[:, :0], 10) is None
+    one_label = np.zeros((20, 1), np.float32)
+    assert paired_mean_auc_diff(one_label, good[:20, :1], good[:20, :1])["diff"] is None
