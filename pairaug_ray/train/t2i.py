@@ -491,6 +491,12 @@ def _train_loop(loop_config: dict) -> None:
     from pairaug_ray.train.data import collate
     from pairaug_ray.train.vlp import _upload_dir, _write_text
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # No "Loading weights" / "Writing model shards" bars per checkpoint in the job's console.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     cfg = T2IConfig.model_validate(loop_config["train"])
     storage = StorageConfig.model_validate(loop_config["storage"])
     run_uri, size = loop_config["run_uri"], int(loop_config["image_size"])
