@@ -19,7 +19,7 @@ Sections (each prints one JSON object):
   generate stage, and the inversion's own reconstruction PSNR (negative-prompt guidance, no replay,
   so the figure is the inversion's error, not the VAE's) for samplers with an inverse scheduler.
 - ``edits``: the rule rewriter's IntraAug rewrites of held-out studies, edited by the edit stage
-  (``--configs``: ``source/inversion/sampler/steps`` per setting, by default ``real/direct/dpm++/10``
+  (``--configs``: ``source/inversion/sampler/steps[/strength]`` per setting, by default ``real/direct/dpm++/10``
   and the reference ``noise/-/ddim/75``); for every change of a finding PhantomCXR can measure (cardiomegaly: CTR; pleural
   effusion / pneumothorax: the named side minus the other; edema: perihilar opacity), whether the
   probe moved the way the rewrite asked (edited image vs the edit's source branch), the PSNR of
@@ -287,10 +287,12 @@ def bench_edits(args, rows) -> dict:
     todo = _edit_rows(args, rows)
     settings = []
     for spec in args.configs:
-        source, inversion, sampler, steps = spec.split("/")
+        source, inversion, sampler, steps, *rest = spec.split("/")
         setting = dict(name=spec, source=source, sampler=sampler, steps=int(steps))
         if source == "real":
             setting["inversion"] = inversion
+            if rest:                          # real/direct/dpm++/10/0.6: edit strength 0.6
+                setting["strength"] = float(rest[0])
         settings.append(setting)
     out = {"section": "edits", "model": args.model, "studies": len(rows), "variants": args.variants,
            "rewrites": len(todo), "guidance_scale": args.guidance, "cross_replace": args.cross_replace,

@@ -405,6 +405,7 @@ def _run(
     trajectories: Sequence[Sequence[torch.Tensor]] | None = None,
     null_embeddings: Sequence[Sequence[torch.Tensor]] | None = None,
     work: list | None = None,
+    start_step: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The prompt-to-prompt loop over S sources (prompt s, start latent s) and T targets.
 
@@ -414,8 +415,11 @@ def _run(
     source and its targets). ``trajectories``: per source the inverted latents (``Inversion.latents``,
     ``steps + 1`` of [1, C, h, w]); when given, the source is put back on them after every step and
     the correction is added to its targets (direct inversion). ``start_latents`` [S, C, h, w] are
-    used as they are (noise: already scaled by the caller). ``work``: a list that receives, per
-    target, its counted UNet sample-steps (own samples + an equal share of its source's).
+    used as they are (noise: already scaled by the caller). ``start_step``: the first of the
+    sampler's ``steps`` to run (0 = all; > 0: ``start_latents`` sit at that step's noise level, an
+    edit ``strength`` < 1; the attention-control fractions apply to the steps run). ``work``: a
+    list that receives, per target, its counted UNet sample-steps (own samples + an equal share of
+    its source's).
     Returns (source images [S, H, W], target images [T, H, W]) float32 in [0, 1].
     """
     if edit not in EDITS:
@@ -467,8 +471,12 @@ def _run(
                          "differ between the inversion and the edit)")
     if null_embeddings is not None and any(len(u) != n_steps for u in null_embeddings):
         raise ValueError(f"null-text embeddings are not one per step ({n_steps})")
+    if not 0 <= start_step < n_steps:
+        raise ValueError(f"start_step {start_step} is outside the {n_steps} steps")
+    if start_step and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start_step)
     controller = P2PController(
-        num_sources=num_sources, target_sources=target_index, alignments=alignments, steps=n_steps,
+        num_sources=num_sources, target_sources=target_index, alignments=alignments, steps=n_steps - start_step,
         cross_replace=cross_replace, self_replace=self_replace,
         self_replace_max_tokens=self_replace_max_tokens, local_blend=blend,
     )
@@ -491,8 +499,9 @@ def _run(
     latents = start_latents.to(device=device, dtype=dtype)
     latents = torch.cat([latents, latents[tgt_dev]])
     with count_unet(pipe.unet) as counted, attention_control(pipe.unet, controller):
-        for step, t in enumerate(scheduler.timesteps):
-            controller.cur_step = step
+        for step in range(start_step, n_steps):
+            t = scheduler.timesteps[step]
+            controller.cur_step = step - start_step
             scaled = scheduler.scale_model_input(latents, t)
             if cfg:
                 model_in = torch.cat([scaled if src_uncond else scaled[num_sources:], scaled])
@@ -582,7 +591,10 @@ class P2PSettings:
     "refine" | "replace"; ``local_blend_words`` LocalBlend words (None = off) and
     ``blend_threshold`` in [0, 1]; ``self_replace_max_tokens`` only layers with at most this many
     query positions get self-attention injection; ``image_size`` pixels (None = the model's native
-    size); ``sampler`` a ``schedulers.SAMPLERS`` name.
+    size); ``sampler`` a ``schedulers.SAMPLERS`` name; ``strength`` in (0, 1] (real-image edits
+    only): the edit starts from the inverted latent at that fraction of the noise schedule and runs
+    that fraction of the steps (1.0 = from the fully inverted latent; lower keeps more of the
+    image's layout, as img2img's strength does).
     """
 
     steps: int = 75
@@ -595,6 +607,7 @@ class P2PSettings:
     self_replace_max_tokens: int = 256
     image_size: int | None = None
     sampler: str = "ddim"
+    strength: float = 1.0
 
     def with_overrides(self, **overrides) -> "P2PSettings":
         """A copy with keyword overrides (the keywords of ``p2p_edit``'s earlier signature)."""
@@ -712,11 +725,15 @@ def p2p_edit_real(
             raise ValueError("null-text embeddings were optimised for guidance "
                              f"{inv.settings.guidance_scale}, the edit uses {s.guidance_scale}")
     source_of = {i: k for k, i in enumerate(used)}
-    start = torch.cat([inv.latents[-1] for inv in invs])
+    if not 0 < s.strength <= 1:
+        raise ValueError(f"strength {s.strength} must be in (0, 1]")
+    n_run = max(1, round(s.strength * s.steps))
+    first = s.steps - n_run            # the first sampler step run; inv.latents[k] sits where step steps-1-k lands
+    start = torch.cat([inv.latents[len(inv.latents) - 1 - first] for inv in invs])
     sources, targets = _run(
         pipe, [inv.prompt for inv in invs], [t for _, t in edits], [source_of[int(i)] for i, _ in edits],
         start, negative=inv_settings.negative,
         trajectories=[inv.latents for inv in invs] if inv_settings.replay else None,
         null_embeddings=[inv.null_embeddings for inv in invs] if inv_settings.method == "null_text" else None,
-        work=work, **s.loop_kwargs())
+        work=work, start_step=first, **s.loop_kwargs())
     return [(sources[source_of[int(i)]], targets[j]) for j, (i, _) in enumerate(edits)]

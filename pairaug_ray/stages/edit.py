@@ -87,6 +87,10 @@ class EditConfig(StageConfig):
         "direct", description=f"how the edit stays on the real image's trajectory: one of {list(METHODS)} "
         "(models/inversion.py); null_text is ~10x dearer and needs sampler ddim")
     null_text_iterations: int = Field(10, ge=1, description="null_text: Adam steps per sampler step")
+    strength: float = Field(1.0, gt=0, le=1, description="source: real: start the edit from the "
+                            "inverted latent at this fraction of the noise schedule and run that "
+                            "fraction of the steps (1.0 = fully inverted; lower keeps more of the "
+                            "patient's image, as img2img's strength)")
     cross_replace: float = Field(0.5, ge=0, le=1, description="steps fraction, cross-attn control")
     self_replace: float = Field(0.2, ge=0, le=1, description="steps fraction, self-attn control")
     edit: Literal["refine", "replace"] = "refine"
@@ -124,7 +128,7 @@ def p2p_settings(cfg: EditConfig) -> P2PSettings:
                        self_replace=cfg.self_replace, edit=cfg.edit,
                        local_blend_words=tuple(cfg.blend_words) or None, blend_threshold=cfg.blend_threshold,
                        self_replace_max_tokens=cfg.self_replace_max_tokens, image_size=cfg.image_size,
-                       sampler=cfg.sampler)
+                       sampler=cfg.sampler, strength=cfg.strength)
 
 
 def inversion_settings(cfg: EditConfig) -> InversionSettings:
