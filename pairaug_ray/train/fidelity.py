@@ -628,11 +628,10 @@ def kept_pair_fidelity(pairs, vlp: Any, findings: Sequence[str] | None = None,
     import json
 
     import torch
-    from sklearn.metrics import roc_auc_score
 
     from pairaug_ray.io.dicom import decode_png
     from pairaug_ray.models.vlp import load_vlp
-    from pairaug_ray.train.zeroshot import encode_images, prompt_embeddings, zeroshot_scores
+    from pairaug_ray.train.zeroshot import auc_with_ci, encode_images, prompt_embeddings, zeroshot_scores
 
     df = pairs.to_pandas() if hasattr(pairs, "to_pandas") else pairs
     findings = list(findings or CLASSIFIER_FINDINGS)
@@ -666,17 +665,9 @@ def kept_pair_fidelity(pairs, vlp: Any, findings: Sequence[str] | None = None,
                    "mean_with": float(with_.mean()) if len(with_) else None,
                    "mean_without": float(without.mean()) if len(without) else None}
             if len(with_) >= min_each and len(without) >= min_each:
-                y = np.r_[np.ones(len(with_)), np.zeros(len(without))]
-                x = np.r_[with_, without]
-                row["auc"] = float(roc_auc_score(y, x))
-                stats = []
-                for _ in range(bootstrap):
-                    idx = rng.integers(0, len(y), len(y))
-                    if 0 < y[idx].sum() < len(idx):
-                        stats.append(roc_auc_score(y[idx], x[idx]))
-                if stats:
-                    row["ci_low"], row["ci_high"] = (float(np.quantile(stats, 0.025)),
-                                                     float(np.quantile(stats, 0.975)))
+                r = auc_with_ci(np.r_[np.ones(len(with_)), np.zeros(len(without))], np.r_[with_, without],
+                                bootstrap=bootstrap, seed=seed + k)
+                row.update(auc=r["auc"], ci_low=r["ci_low"], ci_high=r["ci_high"])
             rows.append(row)
         out["branches"][branch] = {"n_scored": int(len(d)), "rows": rows}
     return out

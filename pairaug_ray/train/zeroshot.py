@@ -233,33 +233,6 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def mean_auc_ci(y: np.ndarray, scores: np.ndarray, bootstrap: int = 200, seed: int = 0,
-                alpha: float = 0.05) -> list[float] | None:
-    """Percentile-bootstrap CI [low, high] of the mean over classes of the per-class ROC-AUC, with
-    images (rows of the [N, C] ``y`` / ``scores``) resampled together, so the classes' correlation
-    is kept; in a resample a class without both labels is left out of that resample's mean. None
-    without classes or resamples."""
-    from sklearn.metrics import roc_auc_score
-
-    if bootstrap <= 0 or y.size == 0 or y.shape[1] == 0:
-        return None
-    rng = np.random.default_rng(seed + 7_777)
-    stats = []
-    for _ in range(bootstrap):
-        idx = rng.integers(0, len(y), len(y))
-        aucs = []
-        for j in range(y.shape[1]):
-            t, sc = y[idx, j], scores[idx, j]
-            keep = ~np.isnan(t)
-            if keep.any() and t[keep].min() != t[keep].max():
-                aucs.append(roc_auc_score(t[keep].astype(int), sc[keep]))
-        if aucs:
-            stats.append(float(np.mean(aucs)))
-    if not stats:
-        return None
-    return [float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))]
-
-
 def _mean_auc(y: np.ndarray, scores: np.ndarray) -> float | None:
     """Mean over the classes (columns) that hold both labels of the per-class ROC-AUC; NaN
     targets left out. None when no class can be scored."""
@@ -272,6 +245,26 @@ def _mean_auc(y: np.ndarray, scores: np.ndarray) -> float | None:
         if len(t) and t.min() != t.max():
             aucs.append(roc_auc_score(t.astype(int), scores[keep, j]))
     return float(np.mean(aucs)) if aucs else None
+
+
+def mean_auc_ci(y: np.ndarray, scores: np.ndarray, bootstrap: int = 200, seed: int = 0,
+                alpha: float = 0.05) -> list[float] | None:
+    """Percentile-bootstrap CI [low, high] of the mean over classes of the per-class ROC-AUC, with
+    images (rows of the [N, C] ``y`` / ``scores``) resampled together, so the classes' correlation
+    is kept; in a resample a class without both labels is left out of that resample's mean. None
+    without classes or resamples."""
+    if bootstrap <= 0 or y.size == 0 or y.shape[1] == 0:
+        return None
+    rng = np.random.default_rng(seed + 7_777)
+    stats = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(y), len(y))
+        m = _mean_auc(y[idx], scores[idx])
+        if m is not None:
+            stats.append(m)
+    if not stats:
+        return None
+    return [float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))]
 
 
 def paired_mean_auc_diff(y: np.ndarray, scores_b: np.ndarray, scores_a: np.ndarray, bootstrap: int = 200,
