@@ -333,10 +333,13 @@ def load_t2i_items(cfg: T2IConfig, storage: StorageConfig | None = None):
 
 
 def settings_fingerprint(cfg: T2IConfig, items) -> tuple[str, dict]:
-    """(fingerprint, settings): every config field that changes what is trained (not ``out``,
-    worker counts, checkpoint cadence, fault injection, precision), the init, and the training
-    data (item count + a hash of the item ids and texts)."""
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _RUNTIME_FIELDS}
+    """(fingerprint, settings): every config field that changes what is trained (not ``out`` or
+    ``studies``, worker counts, checkpoint cadence, fault injection, precision), the init, and the
+    training data (item count + a hash of the item ids and texts)."""
+    # the data is identified by its content (below), not by the folder it was read from: the same
+    # studies ingested into another folder (another demo output) are the same training data
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items()
+                if k not in _RUNTIME_FIELDS and k != "studies"}
     ids = items["item_id"].to_pylist()
     texts = items["text"].to_pylist()
     settings["data"] = {"items": len(ids), "hash": content_hash(f"{i}\0{t}" for i, t in zip(ids, texts))}
@@ -940,23 +943,27 @@ def default_cache_dir() -> str:
 def cached_t2i(cfg: T2IConfig, storage: StorageConfig | None = None, cache_dir: str | None = None) -> dict:
     """Train the generator once per data and settings, and reuse it afterwards (the demo's way).
 
-    The run folder is ``<cache_dir>/<key>`` (``cfg.out`` is ignored): ``key`` hashes
-    ``settings_fingerprint`` (the settings and the items' ids and texts) with the items' image
-    bytes, so other images, reports or settings train a new generator. A complete run there is
-    reused without starting Ray Train; an incomplete one (an interrupted demo) resumes. Returns
-    ``train_t2i``'s result with ``"reused"`` (bool) and ``"key"``; a reused result's ``seconds`` is
-    the original training time."""
+    The run folder is ``<cache_dir>/<key>`` (``cfg.out`` is ignored): ``key`` hashes the settings
+    that change what is trained (as ``settings_fingerprint``) with the training items' CONTENT (each
+    report text and image bytes, in sorted order), not their ids or folder, so the same studies
+    ingested into another output folder find the same generator, and other images, reports or
+    settings train a new one. A complete run there is reused without starting Ray Train; an
+    incomplete one (an interrupted demo) resumes. Returns ``train_t2i``'s result with ``"reused"``
+    (bool) and ``"key"``; a reused result's ``seconds`` is the original training time."""
     import hashlib
 
     storage = storage or StorageConfig()
     items = load_t2i_items(cfg, storage)
-    fp, _ = settings_fingerprint(cfg, items)
-    key = content_hash([fp, *(hashlib.sha256(b).hexdigest() for b in items["image_png"].to_pylist())])
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items()
+                if k not in _RUNTIME_FIELDS and k != "studies"}
+    content = sorted(hashlib.sha256(t.encode()).hexdigest() + hashlib.sha256(b).hexdigest()
+                     for t, b in zip(items["text"].to_pylist(), items["image_png"].to_pylist()))
+    key = content_hash([json.dumps(settings, sort_keys=True), *content])
     run = os.path.join(cache_dir or default_cache_dir(), key)
     store = Store(run)
     if store.exists(MANIFEST_FILE) and store.exists(f"{MODEL_DIR}/model_index.json"):
         manifest = store.read_json(MANIFEST_FILE)
-        if manifest.get("complete") and manifest.get("fingerprint") == fp:
+        if manifest.get("complete"):
             keep = ("model_dir", "run_dir", "steps", "vae_steps", "complete", "final_loss", "metrics_file",
                     "items", "image_size", "prediction_type", "fingerprint", "seconds")
             return {**{k: manifest.get(k) for k in keep}, "reused": True, "key": key}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -241,6 +242,14 @@ def test_demo_runs_small(tmp_path, capsys):
     cfg = load_config(DEMO, [f"t2i.studies={out / 'ingest'}", *TINY_T2I])
     again = cached_t2i(cfg.t2i, cache_dir=str(cache))
     assert again["reused"] and again["model_dir"] == str(run / "model")
+    # the same studies ingested elsewhere (other folder, other row ids): the same generator
+    table = Store(str(out / "ingest")).read_table(S.STUDIES_DIR)
+    ids = pa.array([f"elsewhere-{r}" for r in table["row_id"].to_pylist()])
+    Store(str(tmp_path / "elsewhere")).write_table(
+        S.STUDIES_DIR, table.set_column(table.schema.get_field_index("row_id"), "row_id", ids), "s0")
+    moved = cached_t2i(cfg.t2i.model_copy(update={"studies": str(tmp_path / "elsewhere")}), cache_dir=str(cache))
+    assert moved["reused"] and moved["model_dir"] == str(run / "model")
+    assert len(list(cache.iterdir())) == 1
     assert (out / "train" / "original" / "model" / "config.json").exists()
     assert (out / "train" / "pairaug" / "model" / "config.json").exists()
     assert (out / "evaluate" / "results.md").exists()
