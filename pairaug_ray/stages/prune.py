@@ -22,6 +22,7 @@ Usage:
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -32,6 +33,8 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from pairaug_ray.vocab import INTRA, SCORE_COLUMNS, normalize_branches
+
+log = logging.getLogger(__name__)
 
 
 class PruneConfig(BaseModel):
@@ -381,4 +384,12 @@ def streaming_prune(store, cfg: PruneConfig, scfg: StreamPruneConfig | None = No
               "prune_reasons": dict(sorted(reasons.items())), "shards": len(names),
               "ran_on": "ray tasks" if use_ray else "driver"}
     store.write_json(PRUNE_STATE_FILE, {**key, "result": result})
+    candidates = sum(fig["candidates"] for fig in branches.values())
+    if candidates and not kept:
+        top = ", ".join(f"{k} ({n})" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        log.warning("all %d candidates were pruned, so %s/ is empty (most common reasons: %s). The "
+                    "rules (inter_threshold=%s, intra_margin=%s) do not fit this scorer's scores: "
+                    "calibrate augment.prune.inter_threshold on real pairs (`pairaug demo "
+                    "--inter-quantile`) or loosen augment.prune.* and re-run (only pruning re-runs)",
+                    candidates, pairs_dir, top, cfg.inter_threshold, cfg.intra_margin)
     return {**result, "skipped": False, "seconds": round(time.perf_counter() - t0, 3)}

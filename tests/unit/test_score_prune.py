@@ -273,6 +273,29 @@ def test_streaming_prune_keeps_what_the_old_driver_side_prune_kept(tmp_path):
     assert again["skipped"] and again["pairs_total"] == out["pairs_total"]
 
 
+def test_streaming_prune_that_keeps_nothing_says_so_and_names_the_rules(tmp_path, caplog):
+    """Rules that fit no score (here: an InterAug threshold above every cosine, an IntraAug margin
+    below zero) leave pairs/ empty: the job warns once, with the count, the top reasons and the
+    settings to change; a run that keeps something does not warn."""
+    from pairaug_ray.io.store import Store
+    from pairaug_ray.stages.prune import StreamPruneConfig, streaming_prune
+
+    store = Store(str(tmp_path / "run"))
+    frames = _random_frames(4, shards=2, rows=12)
+    _candidate_shards(store, frames)
+    scfg = StreamPruneConfig(ray_min_shards=10**9)
+    with caplog.at_level("WARNING", logger="pairaug_ray.stages.prune"):
+        out = streaming_prune(store, PruneConfig(inter_threshold=2.0, intra_margin=-1.0), scfg)
+    assert out["pairs_total"] == 0 and store.read_table("pairs") is None
+    warned = [r.getMessage() for r in caplog.records if "candidates were pruned" in r.getMessage()]
+    assert len(warned) == 1 and "all 24 candidates" in warned[0]
+    assert "score_align ≤ threshold" in warned[0] and "augment.prune.inter_threshold" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pairaug_ray.stages.prune"):
+        out = streaming_prune(store, PruneConfig(inter_threshold=0.3), scfg)
+    assert out["pairs_total"] > 0 and not [r for r in caplog.records if "pruned" in r.getMessage()]
+
+
 def test_streaming_prune_after_new_candidates_rebuilds_the_pairs_table(tmp_path):
     """A resumed run adds candidates: the means move, so earlier pairs shards are re-judged (kept
     rows that no longer pass disappear), and pairs shards of no candidate shard (an older layout)
