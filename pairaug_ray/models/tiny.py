@@ -107,17 +107,23 @@ def tiny_sd_pipeline(
     image_size: int = 64,
     unet_channels: tuple[int, ...] = (32, 64),
     cross_attention_dim: int = 64,
+    cross_attention_levels: str = "inner",
 ) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline with tiny random weights drawn from ``torch.manual_seed(seed)``.
 
     UNet (``unet_channels``, one layer per block, cross-attention on all but the outermost
-    block), 3-block VAE (latent = image / 4), 2-layer 64-wide CLIP text encoder, the offline
-    tokenizer above and the reference prompt-to-prompt DDIM scheduler. The global torch RNG
-    state is restored afterwards.
+    block, or on every block with ``cross_attention_levels="all"``: the prompt then also reaches
+    the full latent resolution, as in SD 1.x whose outermost blocks attend to it), 3-block VAE
+    (latent = image / 4), 2-layer 64-wide CLIP text encoder, the offline tokenizer above and the
+    reference prompt-to-prompt DDIM scheduler. The global torch RNG state is restored afterwards.
+    Raises ``ValueError`` for an image size that is not a multiple of 4 or unknown levels.
     """
     if image_size % 4:
         raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+    if cross_attention_levels not in ("inner", "all"):
+        raise ValueError(f"cross_attention_levels must be inner or all, not {cross_attention_levels!r}")
     n = len(unet_channels)
+    outer = "CrossAttn" if cross_attention_levels == "all" else ""
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -127,8 +133,8 @@ def tiny_sd_pipeline(
             out_channels=4,
             layers_per_block=1,
             block_out_channels=tuple(unet_channels),
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            down_block_types=(f"{outer}DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + (f"{outer}UpBlock2D",),
             cross_attention_dim=cross_attention_dim,
             attention_head_dim=8,
             norm_num_groups=min(32, unet_channels[0]),

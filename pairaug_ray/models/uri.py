@@ -32,6 +32,12 @@ def _arch(text: str) -> str:
     return text
 
 
+def _xattn(text: str) -> str:
+    if text not in ("inner", "all"):
+        raise ValueError(f"xattn must be inner or all, not {text!r}")
+    return text
+
+
 @dataclass(frozen=True)
 class TinyParam:
     """A URI query parameter: the factory keyword it fills, its parser, and its default
@@ -48,7 +54,8 @@ _VLP = {"seed": TinyParam("seed", int, 0), "embed_dim": TinyParam("embed_dim", i
 # kind -> {URI parameter -> TinyParam}
 TINY_MODELS: dict[str, dict[str, TinyParam]] = {
     "sd": {"seed": TinyParam("seed", int, 0), "size": TinyParam("image_size", int, 64),
-           "channels": TinyParam("unet_channels", _ints), "cross": TinyParam("cross_attention_dim", int)},
+           "channels": TinyParam("unet_channels", _ints), "cross": TinyParam("cross_attention_dim", int),
+           "xattn": TinyParam("cross_attention_levels", _xattn)},
     "vlp": _VLP,
     "vlp-minilm": _VLP,
     "llm": {"seed": TinyParam("seed", int, 0), "arch": TinyParam("arch", _arch, "gpt2")},

@@ -185,6 +185,16 @@ def plan_batches(items: pa.Table, mix: list[str], ratio: dict[str, float], steps
     return plan.reshape(steps, batch_size)
 
 
+def plan_weighted(weights: np.ndarray, steps: int, batch_size: int, seed: int) -> np.ndarray:
+    """[steps, batch_size] item indices drawn with replacement, item i with probability
+    ``weights[i] / sum(weights)``; a plan for fewer steps is a prefix of a longer one."""
+    weights = np.asarray(weights, np.float64)
+    if weights.ndim != 1 or not len(weights) or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError("weights must be a non-empty 1-D array of non-negative numbers with a positive sum")
+    rng = np.random.default_rng(_seed64("plan-weighted", seed))
+    return rng.choice(len(weights), size=steps * batch_size, p=weights / weights.sum()).reshape(steps, batch_size)
+
+
 def build_dataset(items: pa.Table, plan: np.ndarray, world_size: int):
     """A Ray Dataset with one block of ``batch_size / world_size`` rows per (step, rank), in order."""
     import ray.data

@@ -153,6 +153,11 @@ class T2IConfig(BaseModel):
                           "(warm-up 20 steps, cosine)")
     vae_kl_weight: float = Field(1e-4, ge=0, description="weight of the KL term (per latent "
                                  "element) against the per-pixel reconstruction loss")
+    finding_balance: float = Field(0.0, ge=0, le=1, description="class-balanced sampling of the "
+                                   "UNet phase: each image is drawn with probability ∝ n^-beta, n = "
+                                   "the training images sharing its rarest positive CheXpert finding "
+                                   "(studies labels; none = 'No Finding'); 0 = every image equally "
+                                   "often (shuffled epochs), 1 = every finding equally often")
     augment_images: bool = Field(False, description="train.data.random_augment per sample (crop, "
                                  "rotation, intensity); off by default: PhantomCXR's probes are "
                                  "position-dependent")
@@ -330,6 +335,42 @@ def load_t2i_items(cfg: T2IConfig, storage: StorageConfig | None = None):
                        f"report) in splits {cfg.splits}: {len(table)} rows, {usable} usable in any "
                        f"split, splits present {splits}")
     return items
+
+
+NO_FINDING = "No Finding"
+
+
+def finding_groups(cfg: T2IConfig, items, storage: StorageConfig | None = None) -> list[str]:
+    """Per item (``load_t2i_items`` order): its rarest positive CheXpert finding among these items
+    (labeler state 1 in the studies table's ``labels``), or "No Finding" when it has none."""
+    from pairaug_ray import schema as S
+
+    table = Store(cfg.studies, storage).read_table(S.STUDIES_DIR, columns=["row_id", "labels"])
+    labels = dict(zip(table["row_id"].to_pylist(), table["labels"].to_pylist()))
+    positives = []
+    for item_id in items["item_id"].to_pylist():
+        raw = labels.get(item_id.split(":", 1)[1])
+        obs = json.loads(raw) if raw else {}
+        positives.append([o for o, v in obs.items() if v == 1 and o != NO_FINDING])
+    counts: dict[str, int] = {}
+    for pos in positives:
+        for o in pos:
+            counts[o] = counts.get(o, 0) + 1
+    return [min(pos, key=lambda o: (counts[o], o)) if pos else NO_FINDING for pos in positives]
+
+
+def balanced_weights(groups: list[str], beta: float) -> tuple[np.ndarray, dict]:
+    """(per-item sampling weights summing to 1, {group: {"images": share of the images,
+    "samples": expected share of the draws}}), weight ∝ n_group^-beta (class-balanced sampling,
+    e.g. Cui et al. 2019 use the same power family); beta 0 = uniform."""
+    names, inverse, counts = np.unique(np.asarray(groups, dtype=object), return_inverse=True,
+                                       return_counts=True)
+    w = counts[inverse].astype(np.float64) ** -beta
+    w /= w.sum()
+    shares = {str(n): {"images": round(float(c / len(groups)), 4),
+                       "samples": round(float(w[inverse == k].sum()), 4)}
+              for k, (n, c) in enumerate(zip(names, counts))}
+    return w, dict(sorted(shares.items(), key=lambda kv: -kv[1]["images"]))
 
 
 def settings_fingerprint(cfg: T2IConfig, items) -> tuple[str, dict]:
@@ -820,7 +861,7 @@ def train_t2i(cfg: T2IConfig, storage: StorageConfig | None = None) -> dict:
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pairaug_ray.train.data import build_dataset, plan_batches
+    from pairaug_ray.train.data import build_dataset, plan_batches, plan_weighted
     from pairaug_ray.train.vlp import _storage_target
 
     storage = storage or StorageConfig()
@@ -858,9 +899,14 @@ def train_t2i(cfg: T2IConfig, storage: StorageConfig | None = None) -> dict:
         datasets["vae"] = build_dataset(items, plan_batches(items, ["original"], {}, n_vae,
                                                             cfg.vae_batch_size, cfg.seed + 7919),
                                         cfg.num_workers)
+    shares = None
     if end > vae_end:
-        datasets["unet"] = build_dataset(items, plan_batches(items, ["original"], {}, end - vae_end,
-                                                             cfg.batch_size, cfg.seed), cfg.num_workers)
+        if cfg.finding_balance:
+            weights, shares = balanced_weights(finding_groups(cfg, items, storage), cfg.finding_balance)
+            plan = plan_weighted(weights, end - vae_end, cfg.batch_size, cfg.seed)
+        else:
+            plan = plan_batches(items, ["original"], {}, end - vae_end, cfg.batch_size, cfg.seed)
+        datasets["unet"] = build_dataset(items, plan, cfg.num_workers)
     if len(items) < cfg.batch_size:
         log.warning("only %d training images for a batch of %d: batches repeat images", len(items),
                     cfg.batch_size)
@@ -925,6 +971,7 @@ def train_t2i(cfg: T2IConfig, storage: StorageConfig | None = None) -> dict:
                 "config": cfg.model_dump(mode="json"), "settings": settings,
                 "loss_summary": loss_summary(unet_losses),
                 "vae_rec_first_last": [vae_losses[0], vae_losses[-1]] if vae_losses else None,
+                "finding_shares": shares,
                 "vae_scaling_factor": next((h["vae_scaling_factor"] for h in history
                                             if "vae_scaling_factor" in h), None),
                 "versions": _versions()}
@@ -1003,6 +1050,6 @@ def read_t2i_metrics(run_uri: str, storage: StorageConfig | None = None) -> list
 
 
 __all__ = ["DenoiseStep", "T2IConfig", "T2IError", "VAEStep", "cached_t2i", "default_cache_dir",
-           "inspect_init", "load_t2i_items",
+           "balanced_weights", "finding_groups", "inspect_init", "load_t2i_items",
            "loss_summary", "read_t2i_metrics", "settings_fingerprint", "snr_weights", "to_vae_input",
            "train_t2i"]

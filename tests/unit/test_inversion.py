@@ -134,6 +134,27 @@ def test_p2p_with_another_sampler_keeps_the_empty_edit_equal_to_the_source(pipe,
         np.testing.assert_allclose(decode_gray(pipe, z)[0], source, atol=1e-4)
 
 
+def test_cross_attention_on_every_level_conditions_the_full_resolution_and_p2p_still_holds():
+    """``tiny://sd?...&xattn=all``: the outermost UNet blocks attend to the prompt too; the
+    prompt-to-prompt controller covers those layers (the empty edit stays the source, an edit
+    changes the image) and every processor is restored afterwards."""
+    from pairaug_ray.models.diffusion import load_sd_pipeline
+
+    inner = tiny_sd_pipeline(seed=0, image_size=32)
+    full = load_sd_pipeline("tiny://sd?size=32&seed=0&xattn=all")
+    assert not hasattr(inner.unet.down_blocks[0], "attentions")
+    assert all(len(b.attentions) for b in (full.unet.down_blocks[0], full.unet.up_blocks[-1]))
+    cross = lambda u: sum(name.endswith("attn2.processor") for name in u.attn_processors)  # noqa: E731
+    assert cross(full.unet) > cross(inner.unet)
+    before = dict(full.unet.attn_processors)
+    source, (same, edited) = p2p_edit(full, SOURCE, [SOURCE, TARGET], steps=STEPS, seed=7)
+    np.testing.assert_allclose(same, source, atol=1e-6)
+    assert np.abs(edited - source).max() > 1e-3
+    assert dict(full.unet.attn_processors) == before
+    with pytest.raises(ValueError, match="xattn must be inner or all"):
+        load_sd_pipeline("tiny://sd?size=32&xattn=outer")
+
+
 def test_unet_work_of_a_p2p_run_is_counted_and_apportioned(pipe):
     edits = [(SOURCE, TARGET, 1), (SOURCE, OTHER, 1), (OTHER, SOURCE, 2)]  # 2 sources, 3 targets
     for guidance, per_sample in ((4.0, 2), (1.0, 1)):

@@ -1,0 +1,55 @@
+"""Class-balanced sampling of the text-to-image UNet phase (``T2IConfig.finding_balance``): the
+groups come from the studies labels, the weights follow n^-beta, and the plan draws by them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pairaug_ray import schema as S
+from pairaug_ray.io.store import Store
+from pairaug_ray.train.data import plan_weighted
+from pairaug_ray.train.t2i import T2IConfig, balanced_weights, finding_groups
+
+
+def _studies(tmp_path, labels: dict[str, dict]) -> str:
+    out = str(tmp_path / "ingest")
+    Store(out).write_table(S.STUDIES_DIR, pa.table({
+        "row_id": list(labels), "labels": [json.dumps(v) for v in labels.values()]}), "shard")
+    return out
+
+
+def test_each_image_joins_its_rarest_positive_finding(tmp_path):
+    labels = {"a": {"Cardiomegaly": 1, "Pneumothorax": 1}, "b": {"Cardiomegaly": 1},
+              "c": {"Cardiomegaly": 1, "Edema": -1}, "d": {"No Finding": 1}, "e": {"Pneumothorax": 0},
+              "f": {}}
+    cfg = T2IConfig(studies=_studies(tmp_path, labels))
+    items = pa.table({"item_id": [f"original:{k}" for k in ("a", "b", "c", "d", "e", "f")]})
+    # uncertain (-1) and negated (0) findings do not count; "No Finding" is the no-positive group
+    assert finding_groups(cfg, items) == ["Pneumothorax", "Cardiomegaly", "Cardiomegaly",
+                                         "No Finding", "No Finding", "No Finding"]
+
+
+def test_weights_follow_the_power_of_the_group_size():
+    groups = ["common"] * 8 + ["rare"] * 2
+    w0, shares0 = balanced_weights(groups, 0.0)
+    assert np.allclose(w0, 0.1) and shares0["rare"] == {"images": 0.2, "samples": 0.2}
+    w1, shares1 = balanced_weights(groups, 1.0)
+    assert shares1["rare"]["samples"] == pytest.approx(0.5) and shares1["common"]["samples"] == pytest.approx(0.5)
+    _, half = balanced_weights(groups, 0.5)   # 2·2^-0.5 / (2·2^-0.5 + 8·8^-0.5) = 1/3
+    assert half["rare"]["samples"] == pytest.approx(1 / 3, abs=1e-4)
+    assert w1.sum() == pytest.approx(1.0) and list(shares1) == ["common", "rare"]
+
+
+def test_weighted_plan_draws_by_weight_and_is_prefix_stable():
+    w = np.array([0.0, 1.0, 3.0])
+    plan = plan_weighted(w, 400, 32, seed=1)
+    assert plan.shape == (400, 32) and not (plan == 0).any()
+    assert (plan == 2).mean() == pytest.approx(0.75, abs=0.02)
+    assert np.array_equal(plan_weighted(w, 100, 32, seed=1), plan[:100])      # resume = same draws
+    assert not np.array_equal(plan_weighted(w, 100, 32, seed=2), plan[:100])
+    for bad in ([], [-1.0, 2.0], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="weights"):
+            plan_weighted(np.array(bad), 2, 2, seed=0)
