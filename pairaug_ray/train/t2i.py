@@ -86,6 +86,9 @@ MODEL_DIR = "model"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # Fields that do not change what is trained (a resume may change them).
+# Fields added after runs and demo caches existed: at this value they train what the code did
+# before them, so they stay out of the fingerprint (an older run folder resumes, a cache is reused).
+_ADDED_FIELDS = {"finding_balance": 0.0}
 _RUNTIME_FIELDS = frozenset({
     "out", "num_workers", "cpus_per_worker", "use_gpu", "torch_threads", "checkpoint_every",
     "keep_checkpoints", "report_every", "report_metrics", "max_failures", "log_level", "stop_at_step", "fail_at_step",
@@ -380,7 +383,8 @@ def settings_fingerprint(cfg: T2IConfig, items) -> tuple[str, dict]:
     # the data is identified by its content (below), not by the folder it was read from: the same
     # studies ingested into another folder (another demo output) are the same training data
     settings = {k: v for k, v in cfg.model_dump(mode="json").items()
-                if k not in _RUNTIME_FIELDS and k != "studies"}
+                if k not in _RUNTIME_FIELDS and k != "studies"
+                and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
     ids = items["item_id"].to_pylist()
     texts = items["text"].to_pylist()
     settings["data"] = {"items": len(ids), "hash": content_hash(f"{i}\0{t}" for i, t in zip(ids, texts))}

@@ -11,7 +11,7 @@ import pytest
 from pairaug_ray import schema as S
 from pairaug_ray.io.store import Store
 from pairaug_ray.train.data import plan_weighted
-from pairaug_ray.train.t2i import T2IConfig, balanced_weights, finding_groups
+from pairaug_ray.train.t2i import T2IConfig, balanced_weights, finding_groups, settings_fingerprint
 
 
 def _studies(tmp_path, labels: dict[str, dict]) -> str:
@@ -53,3 +53,13 @@ def test_weighted_plan_draws_by_weight_and_is_prefix_stable():
     for bad in ([], [-1.0, 2.0], [0.0, 0.0]):
         with pytest.raises(ValueError, match="weights"):
             plan_weighted(np.array(bad), 2, 2, seed=0)
+
+
+def test_finding_balance_off_leaves_the_fingerprint_of_earlier_runs():
+    """Off (0), the new field is not in the settings: run folders and demo caches made before it
+    existed keep their fingerprint; on, it changes the fingerprint."""
+    items = pa.table({"item_id": ["original:a", "original:b"], "text": ["No acute disease.", "Cardiomegaly."]})
+    off, settings = settings_fingerprint(T2IConfig(), items)
+    assert "finding_balance" not in settings and "steps" in settings
+    on, settings_on = settings_fingerprint(T2IConfig(finding_balance=0.5), items)
+    assert settings_on["finding_balance"] == 0.5 and on != off
