@@ -50,6 +50,8 @@ SCORE_LABELS = {"score_align": "align: cos(new image, new text)",
 
 # ----------------------------------------------------------------------------- findings
 
+NO_FINDING = "No Finding"   # CheXpert's label for a study with no other positive finding
+
 SEVERITIES = ("mild", "moderate", "severe")
 # Observations that reports grade (mild / moderate / severe, small / large, a nodule's size).
 GRADED = frozenset({"Cardiomegaly", "Enlarged Cardiomediastinum", "Pleural Effusion", "Pneumothorax",

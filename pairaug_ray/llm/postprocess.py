@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 
 from pairaug_ray.labeler import label_report
+from pairaug_ray.vocab import NO_FINDING
 
 OVERLONG_MODES = ("cut", "reject")
 
@@ -101,7 +102,7 @@ def cut_to_words(text: str, max_words: int) -> str:
 
 def is_report_text(text: str) -> bool:
     """True when the labeler reads an observation or a chest structure is named."""
-    if any(o != "No Finding" for o in label_report(text)):
+    if any(o != NO_FINDING for o in label_report(text)):
         return True
     return bool(_ANATOMY.search(text))
 

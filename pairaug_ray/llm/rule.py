@@ -19,9 +19,7 @@ import re
 from pairaug_ray.errors import StageError
 from pairaug_ray.labeler import NEGATIVE, OBSERVATIONS, POSITIVE, UNCERTAIN, Finding, label_report
 from pairaug_ray.llm.base import RewriteBackend, RewriteRequest
-from pairaug_ray.vocab import GRADED, NOUNS, RESOLVES, SEVERITIES, SIDED
-
-NO_FINDING = "No Finding"
+from pairaug_ray.vocab import GRADED, NO_FINDING, NOUNS, RESOLVES, SEVERITIES, SIDED
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 _NORMAL_SENTENCE = re.compile(
     r"\b(no acute|normal (chest|study|radiograph|examination)|unremarkable|no active|"

@@ -26,9 +26,7 @@ from pairaug_ray.errors import StageError
 from pairaug_ray.labeler import (
     NEGATIVE, OBSERVATIONS, POSITIVE, UNCERTAIN, Finding, findings_to_json, label_report, label_states,
 )
-from pairaug_ray.vocab import BRANCHES
-
-NO_FINDING = "No Finding"
+from pairaug_ray.vocab import BRANCHES, NO_FINDING
 
 
 def _key(f: Finding | None):

@@ -74,6 +74,7 @@ from torch import nn
 
 from pairaug_ray.io.store import StorageConfig, Store, content_hash, split_protocol
 from pairaug_ray.models.uri import is_tiny
+from pairaug_ray.vocab import NO_FINDING
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,10 @@ MANIFEST_FILE = "manifest.json"
 MODEL_DIR = "model"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
-# Fields that do not change what is trained (a resume may change them).
 # Fields added after runs and demo caches existed: at this value they train what the code did
 # before them, so they stay out of the fingerprint (an older run folder resumes, a cache is reused).
 _ADDED_FIELDS = {"finding_balance": 0.0}
+# Fields that do not change what is trained (a resume may change them).
 _RUNTIME_FIELDS = frozenset({
     "out", "num_workers", "cpus_per_worker", "use_gpu", "torch_threads", "checkpoint_every",
     "keep_checkpoints", "report_every", "report_metrics", "max_failures", "log_level", "stop_at_step", "fail_at_step",
@@ -338,9 +339,6 @@ def load_t2i_items(cfg: T2IConfig, storage: StorageConfig | None = None):
                        f"report) in splits {cfg.splits}: {len(table)} rows, {usable} usable in any "
                        f"split, splits present {splits}")
     return items
-
-
-NO_FINDING = "No Finding"
 
 
 def finding_groups(cfg: T2IConfig, items, storage: StorageConfig | None = None) -> list[str]:
