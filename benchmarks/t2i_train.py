@@ -7,6 +7,7 @@ Usage::
     python benchmarks/t2i_train.py --studies runs/ingest --out /tmp/t2i steps=400 lr=2e-3
     python benchmarks/t2i_train.py --samples docs/img/t2i_samples.png   # + the picture of docs/t2i.md
     python benchmarks/t2i_train.py --vae-ceiling RUN/model --fid-n 24   # oracle as drawn / through the VAE
+    python benchmarks/t2i_train.py --diff RUN/model --diff-out d.png    # where it draws a pneumothorax
 
 Steps: (1) PhantomCXR studies through the ingest job (``phantom://N?seed=S&size=64&reports=R``,
 skipped when the folder already holds them), (2) ``train_t2i`` (``T2IConfig`` defaults + the
@@ -104,6 +105,63 @@ def sample_picture(model: str, studies: str, path: str, steps: int, guidance: fl
     return {"picture": path, "bytes": os.path.getsize(path)}
 
 
+def difference_picture(model: str, path: str, finding: str, n: int, steps: int, guidance: float,
+                       seed: int = 0) -> dict:
+    """Where a generator draws ``finding``: the mean over ``n`` PhantomCXR prompt pairs (the physical
+    fidelity pairs) of the image drawn with the finding minus the one drawn without it (same seed,
+    midline-centred), per named side, for the generator (top row) and for the oracle (PhantomCXR
+    renders the prompt; bottom row). Grey = no change, dark = more lucent, bright = denser; each
+    row has its own scale. Returns the probe's mean paired difference per named side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pairaug_ray import phantom
+    from pairaug_ray.labeler import label_report
+    from pairaug_ray.train.fidelity import PROBES, centre_on_midline, image_generator, phantom_pairs
+
+    gen = image_generator(model, steps=steps, guidance_scale=guidance, device="cpu")
+    size = gen.__self__.pipe.unet.config.sample_size * gen.__self__.pipe.vae_scale_factor
+    pairs = phantom_pairs(finding, n, seed, truncate=gen.__self__.prompt)
+    sides = [p.side for p in pairs]
+    names = sorted(set(sides), key=lambda x: (x is None, x))
+
+    def oracle(prompts, seeds):
+        return [phantom.render(label_report(p), size=size, seed=s) for p, s in zip(prompts, seeds)]
+
+    out, diffs = {"bench": "t2i_difference", "model": model, "finding": finding, "n_pairs": n}, {}
+    for name, draw in (("generator", gen), ("oracle", oracle)):
+        pos, neg = [], []
+        for k in range(0, n, 8):
+            chunk = pairs[k:k + 8]
+            images = draw([p.positive for p in chunk] + [p.negative for p in chunk], [p.seed for p in chunk] * 2)
+            images = [centre_on_midline(np.asarray(im, np.float32)) for im in images]
+            pos += images[:len(chunk)]
+            neg += images[len(chunk):]
+        pos, neg = np.stack(pos), np.stack(neg)
+        for side in names:
+            m = np.array([x == side for x in sides])
+            diffs[(name, side)] = (pos[m] - neg[m]).mean(0)
+            probe = np.stack([PROBES[finding].values(a) - PROBES[finding].values(b) for a, b in zip(pos[m], neg[m])])
+            out[f"{name}/{side or 'any'}"] = {"pairs": int(m.sum()), "probe_diff": probe.mean(0).round(4).tolist()}
+    fig, axes = plt.subplots(2, len(names), figsize=(1.6 * len(names), 3.3), dpi=80, squeeze=False)
+    for r, name in enumerate(("generator", "oracle")):
+        scale = max(float(np.abs(diffs[(name, s)]).max()) for s in names) or 1.0
+        for c, side in enumerate(names):
+            ax = axes[r, c]
+            ax.imshow(diffs[(name, side)], cmap="gray", vmin=-scale, vmax=scale)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name}: {side or finding} ({scale:.2f})", fontsize=5)
+    fig.tight_layout(pad=0.2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return {**out, "picture": path, "bytes": os.path.getsize(path)}
+
+
 def vae_ceiling(model: str, n: int, seed: int = 0) -> dict:
     """Physical fidelity of the oracle (PhantomCXR renders the prompt's findings) as drawn and after
     the model's VAE (encode to the posterior mean, decode): what the latent space can show at all."""
@@ -151,8 +209,17 @@ def main(argv=None) -> int:
     p.add_argument("--samples", help="also write the sample picture (PNG) here")
     p.add_argument("--vae-ceiling", metavar="MODEL", help="only print the oracle's fidelity as drawn and "
                    "through MODEL's VAE (what its latents can show at all), then exit")
+    p.add_argument("--diff", metavar="MODEL", help="only write the difference picture of MODEL (where it "
+                   "draws --diff-finding: with minus without, per side, next to the oracle's) to "
+                   "--diff-out, print the probe's paired differences, then exit")
+    p.add_argument("--diff-finding", default="Pneumothorax")
+    p.add_argument("--diff-out", default="t2i_difference.png")
     p.add_argument("overrides", nargs="*", help="T2IConfig key=value (e.g. steps=400 lr=2e-3)")
     args = p.parse_args(argv)
+    if args.diff:
+        print(json.dumps(difference_picture(args.diff, args.diff_out, args.diff_finding, args.fid_n,
+                                            args.fid_steps, args.guidance)))
+        return 0
     if args.vae_ceiling:
         print(json.dumps(vae_ceiling(args.vae_ceiling, args.fid_n)))
         return 0
@@ -162,7 +229,11 @@ def main(argv=None) -> int:
     from pairaug_ray.train.t2i import T2IConfig, read_t2i_metrics, train_t2i
 
     load0 = os.getloadavg()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)
+    from pairaug_ray.console import ray_init_kwargs
+
+    # the CLI's console settings: Ray Train's own chatter (e.g. the placement-group cleaner's
+    # warnings without a dashboard) stays out of the printed figures
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True, **ray_init_kwargs(False))
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -42,7 +42,8 @@ How a report is read (docs/labeler.md has the rules and the measured agreement):
    ``uncertainty_grades`` tells hedges that favour a finding ("probable", "likely", "versus") from
    ones that only raise it ("may", "possible", "cannot be excluded"); the IU agreement counts the
    first kind as positive. "Normal" statements (``heart size is normal``, ``lungs are clear``,
-   ``normal cardiomediastinal silhouette``) are NEGATIVE mentions of the observations they rule out.
+   ``normal cardiomediastinal silhouette``, ``heart size is not increased``) are NEGATIVE mentions
+   of the observations they rule out; a finding that "has not increased" is still there.
 4. Per observation, as in CheXpert: any POSITIVE mention wins, then UNCERTAIN, then NEGATIVE.
    "No Finding" is POSITIVE when no observation other than Support Devices is POSITIVE or UNCERTAIN.
 """
@@ -85,8 +86,10 @@ _MEDIASTINUM = (r"(?:cardio ?mediastin(?:um|al (?:silhouettes?|contours?|shadows
                 r"|mediastin(?:um|al (?:silhouettes?|contours?|shadows?|width|configuration))"
                 r"|superior mediastinum|cardiopericardial silhouette)")
 # "upper limits of normal" / "top normal" heart size is a normal size (IU indexes it as normal)
+# "not increased" of a size ("heart size is not increased") is a normal size, unlike a finding that
+# "has not increased" (unchanged, still there: _NOT_NEGATION).
 _NORMAL_PRED = (r"(?:(?:upper limits? of |top |high )?normal|within normal limits|unremarkable|"
-                r"not (?:enlarged|widened))")
+                r"not (?:\w+ly )?(?:enlarged|widened)|(?<!has )(?<!have )(?<!had )not (?:\w+ly )?increased)")
 
 # Mention patterns per observation: text that names the observation (state decided by context).
 MENTIONS: dict[str, list[re.Pattern]] = {
@@ -98,7 +101,7 @@ MENTIONS: dict[str, list[re.Pattern]] = {
     "Cardiomegaly": [
         _rx(r"cardiomegaly", r"(?:cardiac|heart) enlargement", r"enlarged " + _HEART,
             r"enlargement of the " + _HEART,
-            _HEART + r"(?: \w+){0,4}? (?:enlarged|large|increased)\b",
+            _HEART + r"(?: (?!not\b|no\b)\w+){0,4}? (?:enlarged|large|increased)\b",
             _HEART + r"(?: \w+){0,3}? borderline",
             r"borderline (?:enlarged )?(?:heart|cardiac)"),
     ],

@@ -108,18 +108,22 @@ def tiny_sd_pipeline(
     unet_channels: tuple[int, ...] = (32, 64),
     cross_attention_dim: int = 64,
     cross_attention_levels: str = "inner",
+    text_layers: int = 2,
 ) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline with tiny random weights drawn from ``torch.manual_seed(seed)``.
 
     UNet (``unet_channels``, one layer per block, cross-attention on all but the outermost
     block, or on every block with ``cross_attention_levels="all"``: the prompt then also reaches
     the full latent resolution, as in SD 1.x whose outermost blocks attend to it), 3-block VAE
-    (latent = image / 4), 2-layer 64-wide CLIP text encoder, the offline tokenizer above and the
-    reference prompt-to-prompt DDIM scheduler. The global torch RNG state is restored afterwards.
-    Raises ``ValueError`` for an image size that is not a multiple of 4 or unknown levels.
+    (latent = image / 4), ``text_layers``-layer CLIP text encoder as wide as
+    ``cross_attention_dim``, the offline tokenizer above and the reference prompt-to-prompt DDIM
+    scheduler. The global torch RNG state is restored afterwards. Raises ``ValueError`` for an
+    image size that is not a multiple of 4, unknown levels or fewer than one text layer.
     """
     if image_size % 4:
         raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+    if text_layers < 1:
+        raise ValueError(f"text_layers must be >= 1, got {text_layers}")
     if cross_attention_levels not in ("inner", "all"):
         raise ValueError(f"cross_attention_levels must be inner or all, not {cross_attention_levels!r}")
     n = len(unet_channels)
@@ -155,7 +159,7 @@ def tiny_sd_pipeline(
                 vocab_size=len(tokenizer),
                 hidden_size=cross_attention_dim,
                 intermediate_size=2 * cross_attention_dim,
-                num_hidden_layers=2,
+                num_hidden_layers=text_layers,
                 num_attention_heads=4,
                 max_position_embeddings=TEXT_MAX_LENGTH,
                 bos_token_id=tokenizer.bos_token_id,

@@ -55,7 +55,8 @@ _VLP = {"seed": TinyParam("seed", int, 0), "embed_dim": TinyParam("embed_dim", i
 TINY_MODELS: dict[str, dict[str, TinyParam]] = {
     "sd": {"seed": TinyParam("seed", int, 0), "size": TinyParam("image_size", int, 64),
            "channels": TinyParam("unet_channels", _ints), "cross": TinyParam("cross_attention_dim", int),
-           "xattn": TinyParam("cross_attention_levels", _xattn)},
+           "xattn": TinyParam("cross_attention_levels", _xattn),
+           "text_layers": TinyParam("text_layers", int)},
     "vlp": _VLP,
     "vlp-minilm": _VLP,
     "llm": {"seed": TinyParam("seed", int, 0), "arch": TinyParam("arch", _arch, "gpt2")},

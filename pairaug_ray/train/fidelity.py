@@ -61,7 +61,7 @@ from pairaug_ray.phantom.text import _with_no_finding, sample_findings, template
 Generate = Callable[[list[str], list[int]], list[np.ndarray]]
 SIDES = ("left", "right")            # the sides a "with" prompt names (not "bilateral")
 SEVERITIES = vocab.SEVERITIES
-NO_FINDING = "No Finding"
+NO_FINDING = vocab.NO_FINDING
 # Findings scored by the classifier check when none are named (the CheXpert-5 classes PhantomCXR
 # draws, plus pneumothorax).
 CLASSIFIER_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion",

@@ -73,6 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pairaug_ray.io.store import StorageConfig, Store, content_hash, split_protocol
+from pairaug_ray.labeler import OBSERVATIONS
 from pairaug_ray.models.uri import is_tiny
 from pairaug_ray.vocab import NO_FINDING
 
@@ -88,7 +89,7 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # Fields added after runs and demo caches existed: at this value they train what the code did
 # before them, so they stay out of the fingerprint (an older run folder resumes, a cache is reused).
-_ADDED_FIELDS = {"finding_balance": 0.0}
+_ADDED_FIELDS = {"finding_balance": 0.0, "finding_weights": {}}
 # Fields that do not change what is trained (a resume may change them).
 _RUNTIME_FIELDS = frozenset({
     "out", "num_workers", "cpus_per_worker", "use_gpu", "torch_threads", "checkpoint_every",
@@ -162,6 +163,12 @@ class T2IConfig(BaseModel):
                                    "the training images sharing its rarest positive CheXpert finding "
                                    "(studies labels; none = 'No Finding'); 0 = every image equally "
                                    "often (shuffled epochs), 1 = every finding equally often")
+    finding_weights: dict[str, float] = Field(default_factory=dict, description="oversampling of "
+                                              "the UNet phase per CheXpert finding: an image positive "
+                                              "for a listed finding (labeler state 1) is drawn w times "
+                                              "as often (the largest w among its listed findings; "
+                                              "others 1), on top of finding_balance; e.g. "
+                                              "{Pneumothorax: 4} for a finding that is rare and small")
     augment_images: bool = Field(False, description="train.data.random_augment per sample (crop, "
                                  "rotation, intensity); off by default: PhantomCXR's probes are "
                                  "position-dependent")
@@ -206,6 +213,12 @@ class T2IConfig(BaseModel):
             raise ValueError("fail_at_step needs fail_marker")
         if not self.splits:
             raise ValueError("splits must name at least one split")
+        unknown = sorted(set(self.finding_weights) - set(OBSERVATIONS))
+        if unknown:
+            raise ValueError(f"finding_weights names unknown finding(s) {unknown}; known: {list(OBSERVATIONS)}")
+        bad = {k: v for k, v in self.finding_weights.items() if not v > 0}
+        if bad:
+            raise ValueError(f"finding_weights must be > 0, got {bad}")
         return self
 
     def trains_vae(self) -> bool:
@@ -341,9 +354,9 @@ def load_t2i_items(cfg: T2IConfig, storage: StorageConfig | None = None):
     return items
 
 
-def finding_groups(cfg: T2IConfig, items, storage: StorageConfig | None = None) -> list[str]:
-    """Per item (``load_t2i_items`` order): its rarest positive CheXpert finding among these items
-    (labeler state 1 in the studies table's ``labels``), or "No Finding" when it has none."""
+def finding_positives(cfg: T2IConfig, items, storage: StorageConfig | None = None) -> list[list[str]]:
+    """Per item (``load_t2i_items`` order): its positive CheXpert findings (labeler state 1 in the
+    studies table's ``labels``; "No Finding" left out)."""
     from pairaug_ray import schema as S
 
     table = Store(cfg.studies, storage).read_table(S.STUDIES_DIR, columns=["row_id", "labels"])
@@ -353,6 +366,15 @@ def finding_groups(cfg: T2IConfig, items, storage: StorageConfig | None = None) 
         raw = labels.get(item_id.split(":", 1)[1])
         obs = json.loads(raw) if raw else {}
         positives.append([o for o, v in obs.items() if v == 1 and o != NO_FINDING])
+    return positives
+
+
+def finding_groups(cfg: T2IConfig, items, storage: StorageConfig | None = None,
+                   positives: list[list[str]] | None = None) -> list[str]:
+    """Per item (``load_t2i_items`` order): its rarest positive CheXpert finding among these items
+    (labeler state 1 in the studies table's ``labels``), or "No Finding" when it has none."""
+    if positives is None:
+        positives = finding_positives(cfg, items, storage)
     counts: dict[str, int] = {}
     for pos in positives:
         for o in pos:
@@ -360,13 +382,24 @@ def finding_groups(cfg: T2IConfig, items, storage: StorageConfig | None = None) 
     return [min(pos, key=lambda o: (counts[o], o)) if pos else NO_FINDING for pos in positives]
 
 
-def balanced_weights(groups: list[str], beta: float) -> tuple[np.ndarray, dict]:
+def finding_multipliers(positives: list[list[str]], finding_weights: dict[str, float]) -> np.ndarray:
+    """Per item: the largest ``finding_weights`` value among its positive findings (1 when none is
+    listed), the factor ``T2IConfig.finding_weights`` puts on its sampling weight."""
+    return np.array([max((finding_weights[o] for o in pos if o in finding_weights), default=1.0)
+                     for pos in positives], dtype=np.float64)
+
+
+def balanced_weights(groups: list[str], beta: float,
+                     multipliers: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """(per-item sampling weights summing to 1, {group: {"images": share of the images,
     "samples": expected share of the draws}}), weight ∝ n_group^-beta (class-balanced sampling,
-    e.g. Cui et al. 2019 use the same power family); beta 0 = uniform."""
+    e.g. Cui et al. 2019 use the same power family) × the item's multiplier (None = 1); beta 0
+    and no multipliers = uniform."""
     names, inverse, counts = np.unique(np.asarray(groups, dtype=object), return_inverse=True,
                                        return_counts=True)
     w = counts[inverse].astype(np.float64) ** -beta
+    if multipliers is not None:
+        w = w * np.asarray(multipliers, dtype=np.float64)
     w /= w.sum()
     shares = {str(n): {"images": round(float(c / len(groups)), 4),
                        "samples": round(float(w[inverse == k].sum()), 4)}
@@ -903,8 +936,11 @@ def train_t2i(cfg: T2IConfig, storage: StorageConfig | None = None) -> dict:
                                         cfg.num_workers)
     shares = None
     if end > vae_end:
-        if cfg.finding_balance:
-            weights, shares = balanced_weights(finding_groups(cfg, items, storage), cfg.finding_balance)
+        if cfg.finding_balance or cfg.finding_weights:
+            positives = finding_positives(cfg, items, storage)
+            weights, shares = balanced_weights(finding_groups(cfg, items, positives=positives),
+                                               cfg.finding_balance,
+                                               finding_multipliers(positives, cfg.finding_weights))
             plan = plan_weighted(weights, end - vae_end, cfg.batch_size, cfg.seed)
         else:
             plan = plan_batches(items, ["original"], {}, end - vae_end, cfg.batch_size, cfg.seed)
@@ -1052,6 +1088,7 @@ def read_t2i_metrics(run_uri: str, storage: StorageConfig | None = None) -> list
 
 
 __all__ = ["DenoiseStep", "T2IConfig", "T2IError", "VAEStep", "cached_t2i", "default_cache_dir",
-           "balanced_weights", "finding_groups", "inspect_init", "load_t2i_items",
+           "balanced_weights", "finding_groups", "finding_multipliers", "finding_positives", "inspect_init",
+           "load_t2i_items",
            "loss_summary", "read_t2i_metrics", "settings_fingerprint", "snr_weights", "to_vae_input",
            "train_t2i"]

@@ -20,6 +20,7 @@ import torch
 from pairaug_ray import phantom
 from pairaug_ray.io.dicom import decode_png, encode_png
 from pairaug_ray.io.store import StorageConfig, Store
+from pairaug_ray.labeler import label_report
 from pairaug_ray.schema import STUDIES_DIR, STUDY_SCHEMA
 from pairaug_ray.train.t2i import (
     DenoiseStep,
@@ -48,6 +49,7 @@ def write_studies(out: str, n: int, size: int, seed: int = 0, reports: str = "te
         row.update(row_id=f"r{seed}-{i}", study_id=st.study_id, patient_id=st.patient_id,
                    image_id=st.dicom_id, split="train" if all_train else st.split,
                    view_position=st.view_position, image_png=encode_png(st.image), report=st.report,
+                   labels=json.dumps({o: f.state for o, f in label_report(st.report).items()}),
                    source_uri=f"phantom://{i}?seed={seed}")
         rows.append(row)
     Store(out).write_table(STUDIES_DIR, pa.Table.from_pylist(rows, schema=STUDY_SCHEMA), "shard-0")
@@ -136,6 +138,19 @@ def test_two_workers_then_resume_on_one_give_the_same_loss_curve(studies, refere
     assert [line["step"] for line in lines] == [line["step"] for line in ref]
     np.testing.assert_allclose(_curve(lines), _curve(ref), rtol=2e-4, atol=1e-5)
     np.testing.assert_allclose(_curve(lines, "lr"), _curve(ref, "lr"), rtol=1e-9)
+
+
+def test_finding_weights_reach_the_trainer_plan(studies, tmp_path):
+    """``finding_weights`` through ``train_t2i``: the most common positive finding of the table,
+    weighted 4, gets a larger share of the UNet draws than of the images (manifest)."""
+    labels = Store(studies).read_table(STUDIES_DIR, columns=["labels"])["labels"].to_pylist()
+    counts = pd.Series([o for raw in labels for o, v in json.loads(raw).items()
+                        if v == 1 and o != "No Finding"]).value_counts()
+    finding = str(counts.index[0])
+    result = train_t2i(_cfg(studies, str(tmp_path / "run"), vae_steps=0, steps=2,
+                            finding_weights={finding: 4}))
+    shares = Store(result["run_dir"]).read_json("manifest.json")["finding_shares"]
+    assert shares[finding]["samples"] > 1.5 * shares[finding]["images"] > 0, shares
 
 
 def test_checkpoints_and_model_on_s3(studies, s3_bucket):

@@ -155,6 +155,20 @@ def test_cross_attention_on_every_level_conditions_the_full_resolution_and_p2p_s
         load_sd_pipeline("tiny://sd?size=32&xattn=outer")
 
 
+def test_text_layers_deepen_only_the_text_encoder():
+    """``tiny://sd?...&text_layers=N``: an N-layer CLIP text encoder; the UNet and VAE keep the
+    default's weights (the same seed draws them first), and fewer than one layer is refused."""
+    from pairaug_ray.models.diffusion import load_sd_pipeline
+
+    base = tiny_sd_pipeline(seed=0, image_size=32)
+    deep = load_sd_pipeline("tiny://sd?size=32&seed=0&text_layers=4")
+    assert (base.text_encoder.config.num_hidden_layers, deep.text_encoder.config.num_hidden_layers) == (2, 4)
+    for a, b in zip(base.unet.state_dict().values(), deep.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="text_layers must be >= 1"):
+        tiny_sd_pipeline(image_size=32, text_layers=0)
+
+
 def test_unet_work_of_a_p2p_run_is_counted_and_apportioned(pipe):
     edits = [(SOURCE, TARGET, 1), (SOURCE, OTHER, 1), (OTHER, SOURCE, 2)]  # 2 sources, 3 targets
     for guidance, per_sample in ((4.0, 2), (1.0, 1)):

@@ -147,6 +147,19 @@ def test_no_change_is_not_negation_and_mentions_are_positive():
     assert states("Pulmonary vascular congestion.")["Edema"] == POSITIVE
 
 
+@pytest.mark.parametrize("text, state", [
+    ("Heart size is not increased.", NEGATIVE),                 # a size that is not increased: normal
+    ("The heart size is not significantly enlarged.", NEGATIVE),
+    ("Cardiac silhouette is not increased compared to prior.", NEGATIVE),
+    ("Heart size is increased.", POSITIVE),
+    ("Cardiomegaly has not increased.", POSITIVE),              # unchanged, still there
+    ("Left pleural effusion is not increased.", POSITIVE),
+])
+def test_heart_size_not_increased_is_a_normal_size(text, state):
+    obs = "Pleural Effusion" if "effusion" in text else "Cardiomegaly"
+    assert states(text)[obs] == state
+
+
 @pytest.mark.parametrize("text", [
     "Right PICC line with tip in the SVC.", "Endotracheal tube 4 cm above the carina.",
     "Left chest wall pacemaker with leads in the right ventricle.", "Median sternotomy wires.",

@@ -1,5 +1,6 @@
-"""Class-balanced sampling of the text-to-image UNet phase (``T2IConfig.finding_balance``): the
-groups come from the studies labels, the weights follow n^-beta, and the plan draws by them."""
+"""Class-balanced sampling of the text-to-image UNet phase (``T2IConfig.finding_balance``) and
+per-finding oversampling (``finding_weights``): the groups come from the studies labels, the weights
+follow n^-beta times the finding's factor, and the plan draws by them."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,14 @@ import pytest
 from pairaug_ray import schema as S
 from pairaug_ray.io.store import Store
 from pairaug_ray.train.data import plan_weighted
-from pairaug_ray.train.t2i import T2IConfig, balanced_weights, finding_groups, settings_fingerprint
+from pairaug_ray.train.t2i import (
+    T2IConfig,
+    balanced_weights,
+    finding_groups,
+    finding_multipliers,
+    finding_positives,
+    settings_fingerprint,
+)
 
 
 def _studies(tmp_path, labels: dict[str, dict]) -> str:
@@ -60,6 +68,29 @@ def test_finding_balance_off_leaves_the_fingerprint_of_earlier_runs():
     existed keep their fingerprint; on, it changes the fingerprint."""
     items = pa.table({"item_id": ["original:a", "original:b"], "text": ["No acute disease.", "Cardiomegaly."]})
     off, settings = settings_fingerprint(T2IConfig(), items)
-    assert "finding_balance" not in settings and "steps" in settings
+    assert "finding_balance" not in settings and "finding_weights" not in settings and "steps" in settings
     on, settings_on = settings_fingerprint(T2IConfig(finding_balance=0.5), items)
     assert settings_on["finding_balance"] == 0.5 and on != off
+    w, settings_w = settings_fingerprint(T2IConfig(finding_weights={"Pneumothorax": 4}), items)
+    assert settings_w["finding_weights"] == {"Pneumothorax": 4.0} and w not in (on, off)
+
+
+def test_finding_weights_oversample_the_images_positive_for_a_finding(tmp_path):
+    labels = {"a": {"Pneumothorax": 1, "Cardiomegaly": 1}, "b": {"Pneumothorax": -1},
+              "c": {"Cardiomegaly": 1, "Edema": 1}, "d": {"No Finding": 1}}
+    cfg = T2IConfig(studies=_studies(tmp_path, labels), finding_weights={"Pneumothorax": 4, "Edema": 2})
+    items = pa.table({"item_id": [f"original:{k}" for k in labels]})
+    positives = finding_positives(cfg, items)
+    assert positives == [["Pneumothorax", "Cardiomegaly"], [], ["Cardiomegaly", "Edema"], []]
+    mult = finding_multipliers(positives, cfg.finding_weights)
+    assert mult.tolist() == [4.0, 1.0, 2.0, 1.0]          # an uncertain finding is not oversampled
+    w, shares = balanced_weights(finding_groups(cfg, items, positives=positives), 0.0, mult)
+    assert w.tolist() == pytest.approx([0.5, 0.125, 0.25, 0.125])
+    assert shares["Pneumothorax"] == {"images": 0.25, "samples": 0.5}
+    assert (plan_weighted(w, 200, 32, seed=0) == 0).mean() == pytest.approx(0.5, abs=0.03)
+
+
+@pytest.mark.parametrize("weights, match", [({"PTX": 2}, "unknown finding"), ({"Pneumothorax": 0}, "> 0")])
+def test_finding_weights_reject_unknown_findings_and_non_positive_factors(weights, match):
+    with pytest.raises(ValueError, match=match):
+        T2IConfig(finding_weights=weights)
