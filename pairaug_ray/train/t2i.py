@@ -215,7 +215,8 @@ class T2IConfig(BaseModel):
             raise ValueError("splits must name at least one split")
         unknown = sorted(set(self.finding_weights) - set(OBSERVATIONS))
         if unknown:
-            raise ValueError(f"finding_weights names unknown finding(s) {unknown}; known: {list(OBSERVATIONS)}")
+            raise ValueError(f"finding_weights names unknown finding(s) {unknown}; "
+                             f"known: {list(OBSERVATIONS)}")
         bad = {k: v for k, v in self.finding_weights.items() if not v > 0}
         if bad:
             raise ValueError(f"finding_weights must be > 0, got {bad}")
@@ -407,15 +408,22 @@ def balanced_weights(groups: list[str], beta: float,
     return w, dict(sorted(shares.items(), key=lambda kv: -kv[1]["images"]))
 
 
+def trained_settings(cfg: T2IConfig) -> dict:
+    """The config fields that change what is trained, as JSON values: not ``out`` or ``studies``
+    (the data is identified by its content, not by the folder it was read from: the same studies
+    ingested into another demo output are the same training data), not the runtime fields (worker
+    counts, checkpoint cadence, fault injection, precision), and not a field added after runs and
+    caches existed while it has the value that trains what the code did before it."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items()
+            if k not in _RUNTIME_FIELDS and k != "studies"
+            and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+
+
 def settings_fingerprint(cfg: T2IConfig, items) -> tuple[str, dict]:
     """(fingerprint, settings): every config field that changes what is trained (not ``out`` or
     ``studies``, worker counts, checkpoint cadence, fault injection, precision), the init, and the
     training data (item count + a hash of the item ids and texts)."""
-    # the data is identified by its content (below), not by the folder it was read from: the same
-    # studies ingested into another folder (another demo output) are the same training data
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items()
-                if k not in _RUNTIME_FIELDS and k != "studies"
-                and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+    settings = trained_settings(cfg)
     ids = items["item_id"].to_pylist()
     texts = items["text"].to_pylist()
     settings["data"] = {"items": len(ids), "hash": content_hash(f"{i}\0{t}" for i, t in zip(ids, texts))}
@@ -1025,6 +1033,16 @@ def default_cache_dir() -> str:
     return os.path.join(root, "t2i")
 
 
+def cache_key(cfg: T2IConfig, items) -> str:
+    """``cached_t2i``'s folder name: a hash of ``trained_settings`` and of the training items'
+    content (each report text and image bytes, in sorted order; ``load_t2i_items`` columns)."""
+    import hashlib
+
+    content = sorted(hashlib.sha256(t.encode()).hexdigest() + hashlib.sha256(b).hexdigest()
+                     for t, b in zip(items["text"].to_pylist(), items["image_png"].to_pylist()))
+    return content_hash([json.dumps(trained_settings(cfg), sort_keys=True), *content])
+
+
 def cached_t2i(cfg: T2IConfig, storage: StorageConfig | None = None, cache_dir: str | None = None) -> dict:
     """Train the generator once per data and settings, and reuse it afterwards (the demo's way).
 
@@ -1035,15 +1053,8 @@ def cached_t2i(cfg: T2IConfig, storage: StorageConfig | None = None, cache_dir: 
     settings train a new one. A complete run there is reused without starting Ray Train; an
     incomplete one (an interrupted demo) resumes. Returns ``train_t2i``'s result with ``"reused"``
     (bool) and ``"key"``; a reused result's ``seconds`` is the original training time."""
-    import hashlib
-
     storage = storage or StorageConfig()
-    items = load_t2i_items(cfg, storage)
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items()
-                if k not in _RUNTIME_FIELDS and k != "studies"}
-    content = sorted(hashlib.sha256(t.encode()).hexdigest() + hashlib.sha256(b).hexdigest()
-                     for t, b in zip(items["text"].to_pylist(), items["image_png"].to_pylist()))
-    key = content_hash([json.dumps(settings, sort_keys=True), *content])
+    key = cache_key(cfg, load_t2i_items(cfg, storage))
     run = os.path.join(cache_dir or default_cache_dir(), key)
     store = Store(run)
     if store.exists(MANIFEST_FILE) and store.exists(f"{MODEL_DIR}/model_index.json"):
@@ -1087,8 +1098,7 @@ def read_t2i_metrics(run_uri: str, storage: StorageConfig | None = None) -> list
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-__all__ = ["DenoiseStep", "T2IConfig", "T2IError", "VAEStep", "cached_t2i", "default_cache_dir",
-           "balanced_weights", "finding_groups", "finding_multipliers", "finding_positives", "inspect_init",
-           "load_t2i_items",
-           "loss_summary", "read_t2i_metrics", "settings_fingerprint", "snr_weights", "to_vae_input",
-           "train_t2i"]
+__all__ = ["DenoiseStep", "T2IConfig", "T2IError", "VAEStep", "balanced_weights", "cache_key",
+           "cached_t2i", "default_cache_dir", "finding_groups", "finding_multipliers",
+           "finding_positives", "inspect_init", "load_t2i_items", "loss_summary", "read_t2i_metrics",
+           "settings_fingerprint", "snr_weights", "to_vae_input", "train_t2i", "trained_settings"]

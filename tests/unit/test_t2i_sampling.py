@@ -15,10 +15,12 @@ from pairaug_ray.train.data import plan_weighted
 from pairaug_ray.train.t2i import (
     T2IConfig,
     balanced_weights,
+    cache_key,
     finding_groups,
     finding_multipliers,
     finding_positives,
     settings_fingerprint,
+    trained_settings,
 )
 
 
@@ -73,6 +75,20 @@ def test_finding_balance_off_leaves_the_fingerprint_of_earlier_runs():
     assert settings_on["finding_balance"] == 0.5 and on != off
     w, settings_w = settings_fingerprint(T2IConfig(finding_weights={"Pneumothorax": 4}), items)
     assert settings_w["finding_weights"] == {"Pneumothorax": 4.0} and w not in (on, off)
+
+
+def test_demo_cache_key_of_the_defaults_is_the_one_earlier_versions_wrote():
+    """``cached_t2i`` (the demo) keys its folder by ``trained_settings`` + item content. Pinned:
+    eb2b0d7edb1eff8d is what the code wrote before ``finding_balance`` existed (computed with
+    commit fdc961b^), so demo generators trained then are still found. A new T2IConfig field must
+    go into ``_ADDED_FIELDS`` (or ``_RUNTIME_FIELDS``) to keep this; a changed default that really
+    trains something else changes the key on purpose (update the pin then)."""
+    items = pa.table({"item_id": ["original:a", "original:b"], "text": ["No acute disease.", "Cardiomegaly."],
+                      "image_png": [b"\x89PNG-a", b"\x89PNG-b"]})
+    assert cache_key(T2IConfig(), items) == "eb2b0d7edb1eff8d"
+    assert not {"finding_balance", "finding_weights", "out", "studies"} & set(trained_settings(T2IConfig()))
+    assert cache_key(T2IConfig(finding_weights={"Pneumothorax": 2}), items) != "eb2b0d7edb1eff8d"
+    assert cache_key(T2IConfig(num_workers=2, out="elsewhere"), items) == "eb2b0d7edb1eff8d"
 
 
 def test_finding_weights_oversample_the_images_positive_for_a_finding(tmp_path):
