@@ -101,7 +101,8 @@ MENTIONS: dict[str, list[re.Pattern]] = {
     "Cardiomegaly": [
         _rx(r"cardiomegaly", r"(?:cardiac|heart) enlargement", r"enlarged " + _HEART,
             r"enlargement of the " + _HEART,
-            _HEART + r"(?: (?!not\b|no\b)\w+){0,4}? (?:enlarged|large|increased)\b",
+            _HEART + r"(?: \w+){0,4}? (?:enlarged|large)\b",
+            _HEART + r"(?: (?!not\b)\w+){0,4}? increased\b",   # "not increased": _NORMAL_PRED
             _HEART + r"(?: \w+){0,3}? borderline",
             r"borderline (?:enlarged )?(?:heart|cardiac)"),
     ],
