@@ -105,6 +105,17 @@ def sample_picture(model: str, studies: str, path: str, steps: int, guidance: fl
     return {"picture": path, "bytes": os.path.getsize(path)}
 
 
+def phantom_oracle(size: int):
+    """The oracle "generator": PhantomCXR renders what the labeler reads from each prompt."""
+    from pairaug_ray import phantom
+    from pairaug_ray.labeler import label_report
+
+    def oracle(prompts, seeds):
+        return [phantom.render(label_report(p), size=size, seed=s) for p, s in zip(prompts, seeds)]
+
+    return oracle
+
+
 def difference_picture(model: str, path: str, finding: str, n: int, steps: int, guidance: float,
                        seed: int = 0) -> dict:
     """Where a generator draws ``finding``: the mean over ``n`` PhantomCXR prompt pairs (the physical
@@ -118,8 +129,6 @@ def difference_picture(model: str, path: str, finding: str, n: int, steps: int, 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from pairaug_ray import phantom
-    from pairaug_ray.labeler import label_report
     from pairaug_ray.train.fidelity import PROBES, centre_on_midline, image_generator, phantom_pairs
 
     gen = image_generator(model, steps=steps, guidance_scale=guidance, device="cpu")
@@ -127,10 +136,7 @@ def difference_picture(model: str, path: str, finding: str, n: int, steps: int, 
     pairs = phantom_pairs(finding, n, seed, truncate=gen.__self__.prompt)
     sides = [p.side for p in pairs]
     names = sorted(set(sides), key=lambda x: (x is None, x))
-
-    def oracle(prompts, seeds):
-        return [phantom.render(label_report(p), size=size, seed=s) for p, s in zip(prompts, seeds)]
-
+    oracle = phantom_oracle(size)
     out, diffs = {"bench": "t2i_difference", "model": model, "finding": finding, "n_pairs": n}, {}
     for name, draw in (("generator", gen), ("oracle", oracle)):
         pos, neg = [], []
@@ -168,16 +174,12 @@ def vae_ceiling(model: str, n: int, seed: int = 0) -> dict:
     import numpy as np
     import torch
 
-    from pairaug_ray import phantom
-    from pairaug_ray.labeler import label_report
     from pairaug_ray.models.diffusion import load_sd_pipeline
     from pairaug_ray.train.fidelity import physical_fidelity
 
     pipe = load_sd_pipeline(model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-    def oracle(prompts, seeds):
-        return [phantom.render(label_report(p), size=size, seed=s) for p, s in zip(prompts, seeds)]
+    oracle = phantom_oracle(size)
 
     @torch.no_grad()
     def through_vae(prompts, seeds):
