@@ -129,7 +129,13 @@ def difference_picture(model: str, path: str, finding: str, n: int, steps: int, 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from pairaug_ray.train.fidelity import PROBES, centre_on_midline, image_generator, phantom_pairs
+    from pairaug_ray.train.fidelity import (
+        PROBES,
+        _generate_pairs,
+        centre_on_midline,
+        image_generator,
+        phantom_pairs,
+    )
 
     gen = image_generator(model, steps=steps, guidance_scale=guidance, device="cpu")
     size = gen.__self__.pipe.unet.config.sample_size * gen.__self__.pipe.vae_scale_factor
@@ -139,14 +145,7 @@ def difference_picture(model: str, path: str, finding: str, n: int, steps: int, 
     oracle = phantom_oracle(size)
     out, diffs = {"bench": "t2i_difference", "model": model, "finding": finding, "n_pairs": n}, {}
     for name, draw in (("generator", gen), ("oracle", oracle)):
-        pos, neg = [], []
-        for k in range(0, n, 8):
-            chunk = pairs[k:k + 8]
-            images = draw([p.positive for p in chunk] + [p.negative for p in chunk], [p.seed for p in chunk] * 2)
-            images = [centre_on_midline(np.asarray(im, np.float32)) for im in images]
-            pos += images[:len(chunk)]
-            neg += images[len(chunk):]
-        pos, neg = np.stack(pos), np.stack(neg)
+        pos, neg, _ = _generate_pairs(draw, pairs, 16, lambda ims: np.stack([centre_on_midline(im) for im in ims]))
         for side in names:
             m = np.array([x == side for x in sides])
             diffs[(name, side)] = (pos[m] - neg[m]).mean(0)

@@ -20,7 +20,7 @@ import torch
 from pairaug_ray import phantom
 from pairaug_ray.io.dicom import decode_png, encode_png
 from pairaug_ray.io.store import StorageConfig, Store
-from pairaug_ray.labeler import label_report
+from pairaug_ray.labeler import label_report, label_states
 from pairaug_ray.schema import STUDIES_DIR, STUDY_SCHEMA
 from pairaug_ray.train.t2i import (
     DenoiseStep,
@@ -49,7 +49,7 @@ def write_studies(out: str, n: int, size: int, seed: int = 0, reports: str = "te
         row.update(row_id=f"r{seed}-{i}", study_id=st.study_id, patient_id=st.patient_id,
                    image_id=st.dicom_id, split="train" if all_train else st.split,
                    view_position=st.view_position, image_png=encode_png(st.image), report=st.report,
-                   labels=json.dumps({o: f.state for o, f in label_report(st.report).items()}),
+                   labels=json.dumps(label_states(label_report(st.report)), sort_keys=True),
                    source_uri=f"phantom://{i}?seed={seed}")
         rows.append(row)
     Store(out).write_table(STUDIES_DIR, pa.Table.from_pylist(rows, schema=STUDY_SCHEMA), "shard-0")
