@@ -19,11 +19,12 @@ import numpy as np
 from scipy import ndimage
 
 from pairaug_ray.labeler import OBSERVATIONS, POSITIVE, UNCERTAIN, Finding
+from pairaug_ray.vocab import NO_FINDING
 
 RIGHT, LEFT = -1, 1
 SEVERITY_GAIN = {"mild": 0.6, "moderate": 1.0, "severe": 1.5, None: 1.0}
 UNCERTAIN_GAIN = 0.5  # uncertain findings render at half strength
-RENDERED = [o for o in OBSERVATIONS if o != "No Finding"]
+RENDERED = [o for o in OBSERVATIONS if o != NO_FINDING]
 # MIMIC-CXR's chexpert csv lists the 14 observations in alphabetical order.
 CHEXPERT_COLUMNS = sorted(OBSERVATIONS)
 REPORT_SOURCES = ("iu", "template", "auto")

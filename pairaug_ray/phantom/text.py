@@ -14,7 +14,7 @@ import numpy as np
 
 from pairaug_ray.labeler import NEGATIVE, POSITIVE, UNCERTAIN, Finding
 from pairaug_ray.phantom.anatomy import _DEVICE_WORDS, _rng
-from pairaug_ray.vocab import GRADED, SIDES
+from pairaug_ray.vocab import GRADED, NO_FINDING, SIDES
 
 # ------------------------------------------------------------------------------------------------
 # Reports from templates
@@ -136,9 +136,9 @@ def sample_findings(rng: np.random.Generator) -> dict[str, Finding]:
 
 def _with_no_finding(found: dict[str, Finding]) -> dict[str, Finding]:
     """CheXpert's rule: No Finding when nothing but Support Devices is positive or uncertain."""
-    found = {o: f for o, f in found.items() if o != "No Finding"}
+    found = {o: f for o, f in found.items() if o != NO_FINDING}
     if not any(f.state in (POSITIVE, UNCERTAIN) for o, f in found.items() if o != "Support Devices"):
-        found["No Finding"] = Finding("No Finding", POSITIVE, None, None)
+        found[NO_FINDING] = Finding(NO_FINDING, POSITIVE, None, None)
     return found
 
 
@@ -169,7 +169,7 @@ def _template_report(findings, rng, detail_seed=None) -> tuple[str, dict[str, st
         body.append(sent)
         if f.state != NEGATIVE:
             impression.append(sent)
-    if not any(f.state in (POSITIVE, UNCERTAIN) for o, f in findings.items() if o not in ("Support Devices", "No Finding")):
+    if not any(f.state in (POSITIVE, UNCERTAIN) for o, f in findings.items() if o not in ("Support Devices", NO_FINDING)):
         impression.append(str(rng.choice(["No acute cardiopulmonary process.", "No acute intrathoracic process."])))
     if not body:
         body.append("Unremarkable chest radiograph.")
@@ -181,7 +181,7 @@ def _evolve(prev: dict[str, Finding], rng: np.random.Generator) -> dict[str, Fin
     grades = ["mild", "moderate", "severe"]
     out: dict[str, Finding] = {}
     for o, f in prev.items():
-        if o == "No Finding":
+        if o == NO_FINDING:
             continue
         r = rng.random()
         if f.state == POSITIVE:

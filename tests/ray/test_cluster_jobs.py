@@ -202,14 +202,14 @@ def test_readme_jobs_run_on_an_existing_cluster(head, tmp_path):
     assert re.search(r"jobs\.ingest --config \S+ '?ingest\.source=", ingest_cmd)
 
     t0 = time.monotonic()
-    _, logs = _submit(head, ingest_cmd, tmp_path, timeout_s=240)
+    _, logs = _submit(head, ingest_cmd, tmp_path, timeout_s=600)
     assert "ray.num_cpus=2 is a local-cluster setting and is ignored" in logs
     ingest = Store(str(tmp_path / "ingest"))
     manifest = ingest.read_json(S.MANIFEST_FILE)
     assert manifest["job"] == "ingest" and manifest["written"] == manifest["listed"] > 0
     assert manifest["source"].startswith("phantom://")
 
-    _submit(head, augment_cmd, tmp_path, timeout_s=300)
+    _submit(head, augment_cmd, tmp_path, timeout_s=600)
     aug = Store(str(tmp_path / "augment"))
     manifest = aug.read_json(S.MANIFEST_FILE)
     pairs = aug.read_table(S.PAIRS_DIR)
