@@ -8,6 +8,7 @@ Usage::
     python benchmarks/t2i_train.py --samples docs/img/t2i_samples.png   # + the picture of docs/t2i.md
     python benchmarks/t2i_train.py --vae-ceiling RUN/model --fid-n 24   # oracle as drawn / through the VAE
     python benchmarks/t2i_train.py --diff RUN/model --diff-out d.png    # where it draws a pneumothorax
+    python benchmarks/t2i_train.py --n 3000 --enrich Pneumothorax       # 797 studies, all 65 mod./large PTX
 
 Steps: (1) PhantomCXR studies through the ingest job (``phantom://N?seed=S&size=64&reports=R``,
 skipped when the folder already holds them), (2) ``train_t2i`` (``T2IConfig`` defaults + the
@@ -59,6 +60,46 @@ def make_studies(out: str, n: int, seed: int, reports: str, size: int) -> int:
                                       "ingest.decode.num_cpus=0.5", "ray.progress_bars=false"]))
         have = len(Store(out).read_column(S.STUDIES_DIR, "row_id"))
     return have
+
+
+def enrich_studies(pool: str, out: str, finding: str, rows: int, seed: int = 0) -> dict:
+    """A training split of ``rows`` studies from ``pool``'s: every one positive for ``finding`` at
+    the probe's severities (e.g. moderate/large pneumothorax), the rest drawn at random (seeded)
+    from the other training studies. Written to ``out`` once; returns counts by (side, severity).
+    How docs/t2i.md tests whether the number of examples limits a finding (runs X1/X2)."""
+    import json as _json
+
+    import numpy as np
+
+    from pairaug_ray import schema as S
+    from pairaug_ray.io.store import Store
+    from pairaug_ray.labeler import POSITIVE
+    from pairaug_ray.train.fidelity import PROBES
+
+    table = Store(pool).read_table(S.STUDIES_DIR)
+    table = table.filter(np.array([s == "train" for s in table.column("split").to_pylist()]))
+    severities = PROBES[finding].severities if finding in PROBES else None
+    findings = [_json.loads(f or "{}").get(finding) for f in table.column("findings").to_pylist()]
+    hit = [f is not None and f["state"] == POSITIVE and (severities is None or f["severity"] in severities)
+           for f in findings]
+    chosen = [i for i, h in enumerate(hit) if h]
+    if len(chosen) > rows:
+        raise ValueError(f"{len(chosen)} studies with {finding} in {pool}: more than --enrich-rows {rows}")
+    others = [i for i, h in enumerate(hit) if not h]
+    rng = np.random.default_rng(seed)
+    chosen += [int(i) for i in rng.choice(others, min(rows - len(chosen), len(others)), replace=False)]
+    chosen.sort()
+    store = Store(out)
+    if not store.shards(S.STUDIES_DIR):
+        store.write_table(S.STUDIES_DIR, table.take(chosen), "enriched")
+    counts: dict[str, int] = {}
+    for i in chosen:
+        f = findings[i]
+        if f is not None and f["state"] == POSITIVE:
+            key = f"{f['laterality']}/{f['severity']}"
+            counts[key] = counts.get(key, 0) + 1
+    return {"bench": "t2i_enrich", "pool": pool, "studies": out, "finding": finding, "rows": len(chosen),
+            "positives": dict(sorted(counts.items()))}
 
 
 def fidelity_rows(model: str, n: int, steps: int, guidance: float, seed: int) -> tuple[list[dict], float]:
@@ -215,6 +256,10 @@ def main(argv=None) -> int:
                    "--diff-out, print the probe's paired differences, then exit")
     p.add_argument("--diff-finding", default="Pneumothorax")
     p.add_argument("--diff-out", default="t2i_difference.png")
+    p.add_argument("--enrich", metavar="FINDING", help="train on --enrich-rows training studies of the "
+                   "--n pool: every one positive for FINDING at the probe's severities + others at random")
+    p.add_argument("--enrich-rows", type=int, default=797, help="studies of the enriched training split "
+                   "(797 = the training split of 1,000 studies)")
     p.add_argument("overrides", nargs="*", help="T2IConfig key=value (e.g. steps=400 lr=2e-3)")
     args = p.parse_args(argv)
     if args.diff:
@@ -241,6 +286,10 @@ def main(argv=None) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     studies = args.studies or os.path.join(args.workdir, f"ingest-{args.reports}-{args.n}-{args.size}")
     n_rows = make_studies(studies, args.n, 0, args.reports, args.size) if not args.studies else None
+    if args.enrich:
+        enriched = f"{studies}-enriched-{args.enrich.replace(' ', '_')}-{args.enrich_rows}"
+        print(json.dumps(enrich_studies(studies, enriched, args.enrich, args.enrich_rows)), flush=True)
+        studies = enriched
     out = args.out or os.path.join(args.workdir, "run-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     overrides = dict(kv.split("=", 1) for kv in args.overrides)
     cfg = T2IConfig(studies=studies, out=out, **{k: _value(v) for k, v in overrides.items()})
