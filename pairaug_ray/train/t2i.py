@@ -145,7 +145,9 @@ class T2IConfig(BaseModel):
     noise_offset: float = Field(0.0, ge=0, description="std of a per-sample, per-channel constant "
                                 "added to the noise (Guttenberg 2023); 0 = off")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting "
-                                    "(Hang et al. 2023; 5.0 is their default); None = plain MSE")
+                                    "(Hang et al. 2023; 5.0 is their default); None = plain MSE. "
+                                    "Measured on PhantomCXR (docs/t2i.md): 5.0 drew the pneumothorax "
+                                    "side better once but lost the effusion side in every run")
     ema: bool = Field(False, description="keep an exponential moving average of the UNet weights; "
                       "the saved model carries the EMA weights")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (with EMAModel's warm-up)")
