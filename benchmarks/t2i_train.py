@@ -66,9 +66,7 @@ def enrich_studies(pool: str, out: str, finding: str, rows: int, seed: int = 0) 
     """A training split of ``rows`` studies from ``pool``'s: every one positive for ``finding`` at
     the probe's severities (e.g. moderate/large pneumothorax), the rest drawn at random (seeded)
     from the other training studies. Written to ``out`` once; returns counts by (side, severity).
-    How docs/t2i.md tests whether the number of examples limits a finding (runs X1/X2)."""
-    import json as _json
-
+    How docs/t2i.md tests whether the number of examples limits a finding (runs X1-X8)."""
     import numpy as np
 
     from pairaug_ray import schema as S
@@ -79,7 +77,7 @@ def enrich_studies(pool: str, out: str, finding: str, rows: int, seed: int = 0) 
     table = Store(pool).read_table(S.STUDIES_DIR)
     table = table.filter(np.array([s == "train" for s in table.column("split").to_pylist()]))
     severities = PROBES[finding].severities if finding in PROBES else None
-    findings = [_json.loads(f or "{}").get(finding) for f in table.column("findings").to_pylist()]
+    findings = [json.loads(f or "{}").get(finding) for f in table.column("findings").to_pylist()]
     hit = [f is not None and f["state"] == POSITIVE and (severities is None or f["severity"] in severities)
            for f in findings]
     chosen = [i for i, h in enumerate(hit) if h]
