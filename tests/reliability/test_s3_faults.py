@@ -108,17 +108,26 @@ def test_s3_failing_is_a_clear_error_then_throttling_and_an_outage_are_retried_t
     committed = _settled(lambda: id_multiset(out, storage))
     assert committed and len(set(committed)) == len(committed) < clean_augment.planned
 
-    # 2. The same command while S3 throttles, then goes down for 3 s mid-run: retried to the end.
-    proxy.add(Rule("slowdown", path_has="/augment", times=2))
-    proxy.add(Rule("internal", path_has="/augment", times=2))
+    # 2. The same command while S3 goes down for 3 s mid-run, then throttles: retried to the end.
+    #    The outage starts as the first candidates PUT arrives, so that request meets it (with the
+    #    throttling rules first, their 4 answers could outlast the 3 s and no request met it); the
+    #    rules start when S3 is back. max_attempts 10 (the default): one request may meet the
+    #    outage and then all 4 rules.
     restarted = threading.Event()
+
+    def back_up():
+        proxy.add(Rule("slowdown", path_has="/augment", times=2))
+        proxy.add(Rule("internal", path_has="/augment", times=2))
+        moto.start()
+        restarted.set()
 
     def outage():
         moto.stop()
-        threading.Timer(3.0, lambda: (moto.start(), restarted.set())).start()
+        threading.Timer(3.0, back_up).start()
 
     proxy.on_request = _on_nth_shard_put("augment", 1, outage)
     before = dict(proxy.counts)
+    args = augment_args(studies, out, f"storage.endpoint_url={proxy.url}", "storage.max_attempts=10")
     try:
         rc = cli_main(args)
     finally:
@@ -137,8 +146,8 @@ def test_s3_failing_is_a_clear_error_then_throttling_and_an_outage_are_retried_t
     assert sorted(Store(out, storage).read_column(S.PAIRS_DIR, "pair_id")) == clean_augment.pairs
     print(f"\nFIGURE item4b: S3 answering 500 from the 2nd shard on: exit 3 with '{line}'; "
           f"{len(committed)} candidates committed, every object whole")
-    print(f"FIGURE item4a: the same command through 2 x 503 SlowDown + 2 x 500 InternalError and moto "
-          f"stopped 3 s mid-run ({counts['down']} requests met the outage) wrote the other "
+    print(f"FIGURE item4a: the same command through moto stopped 3 s mid-run ({counts['down']} requests "
+          f"met the outage), then 2 x 503 SlowDown + 2 x 500 InternalError, wrote the other "
           f"{clean_augment.planned - len(committed)}: 0 lost, 0 duplicated of {len(got)} candidates")
 
 
