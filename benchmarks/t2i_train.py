@@ -8,7 +8,7 @@ Usage::
     python benchmarks/t2i_train.py --samples docs/img/t2i_samples.png   # + the picture of docs/t2i.md
     python benchmarks/t2i_train.py --vae-ceiling RUN/model --fid-n 24   # oracle as drawn / through the VAE
     python benchmarks/t2i_train.py --diff RUN/model --diff-out d.png    # where it draws a pneumothorax
-    python benchmarks/t2i_train.py --n 3000 --enrich Pneumothorax       # 797 studies, all 65 mod./large PTX
+    python benchmarks/t2i_train.py --n 3000 --enrich Pneumothorax       # 797 studies, all 54 mod./large PTX
 
 Steps: (1) PhantomCXR studies through the ingest job (``phantom://N?seed=S&size=64&reports=R``,
 skipped when the folder already holds them), (2) ``train_t2i`` (``T2IConfig`` defaults + the
