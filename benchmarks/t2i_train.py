@@ -67,19 +67,22 @@ def enrich_studies(pool: str, out: str, finding: str, rows: int, seed: int = 0) 
     the probe's severities (e.g. moderate/large pneumothorax), the rest drawn at random (seeded)
     from the other training studies. Written to ``out`` once; returns counts by (side, severity).
     How docs/t2i.md tests whether the number of examples limits a finding (runs X1-X8)."""
+    from collections import Counter
+
     import numpy as np
+    import pyarrow.compute as pc
 
     from pairaug_ray import schema as S
     from pairaug_ray.io.store import Store
-    from pairaug_ray.labeler import POSITIVE
+    from pairaug_ray.labeler import POSITIVE, findings_from_json
     from pairaug_ray.train.fidelity import PROBES
 
     table = Store(pool).read_table(S.STUDIES_DIR)
-    table = table.filter(np.array([s == "train" for s in table.column("split").to_pylist()]))
+    table = table.filter(pc.equal(table["split"], "train"))
     severities = PROBES[finding].severities if finding in PROBES else None
-    findings = [json.loads(f or "{}").get(finding) for f in table.column("findings").to_pylist()]
-    hit = [f is not None and f["state"] == POSITIVE and (severities is None or f["severity"] in severities)
-           for f in findings]
+    findings = [findings_from_json(f or "{}").get(finding) for f in table.column("findings").to_pylist()]
+    positive = [f is not None and f.state == POSITIVE for f in findings]
+    hit = [p and (severities is None or f.severity in severities) for p, f in zip(positive, findings)]
     chosen = [i for i, h in enumerate(hit) if h]
     if len(chosen) > rows:
         raise ValueError(f"{len(chosen)} studies with {finding} in {pool}: more than --enrich-rows {rows}")
@@ -90,12 +93,7 @@ def enrich_studies(pool: str, out: str, finding: str, rows: int, seed: int = 0) 
     store = Store(out)
     if not store.shards(S.STUDIES_DIR):
         store.write_table(S.STUDIES_DIR, table.take(chosen), "enriched")
-    counts: dict[str, int] = {}
-    for i in chosen:
-        f = findings[i]
-        if f is not None and f["state"] == POSITIVE:
-            key = f"{f['laterality']}/{f['severity']}"
-            counts[key] = counts.get(key, 0) + 1
+    counts = Counter(f"{findings[i].laterality}/{findings[i].severity}" for i in chosen if positive[i])
     return {"bench": "t2i_enrich", "pool": pool, "studies": out, "finding": finding, "rows": len(chosen),
             "positives": dict(sorted(counts.items()))}
 
