@@ -19,6 +19,8 @@ The display library is tqdm: transformers, huggingface_hub and Ray Data already 
 Ray's console output (``ray_init_kwargs``, ``quiet_ray_data``, ``quiet_ray_worker``), unless
 ``ray.verbose`` (``pairaug --verbose``) is set:
 
+- lines Ray relays from workers and raylets carry a plain prefix, without colour escapes, when the
+  console is not a terminal (``plain_ray_prefixes``, also with ``verbose``);
 - Ray Data's progress bars are off (``ray.progress_bars`` turns them back on) and its INFO lines
   (execution plans, "Dataset … finished") go to its session log file ``ray-data.log`` only;
 - the ``ray`` logger is at WARNING on the driver and in the workers, and Ray's note that token
@@ -311,7 +313,8 @@ def ray_init_kwargs(verbose: bool) -> dict:
     WARNING ("Started a local Ray instance." and other INFO lines) and the worker setup hook
     ``quiet_ray_worker``. A job's own ``worker_process_setup_hook`` (``ray job submit
     --runtime-env``) is kept: Ray refuses to merge two. Also drops Ray's note that token
-    authentication is on (``RAY_AUTH_NOTES``)."""
+    authentication is on (``RAY_AUTH_NOTES``). Verbose or not, see ``plain_ray_prefixes``."""
+    plain_ray_prefixes()
     if verbose:
         return {}
     _drop(RAY_AUTH_LOGGER, RAY_AUTH_NOTES)
@@ -319,6 +322,15 @@ def ray_init_kwargs(verbose: bool) -> dict:
     if "worker_process_setup_hook" not in _job_runtime_env():
         kwargs["runtime_env"] = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     return kwargs
+
+
+def plain_ray_prefixes() -> None:
+    """Ray prints the lines its workers and raylets log on the driver's console behind a coloured
+    ``(pid=…)`` prefix (ANSI escapes), terminal or not; when stdout or stderr is not a terminal
+    (CI, ``ray job logs``, a pipe) the prefix is plain: ``RAY_COLOR_PREFIX=0``, which Ray's driver
+    reads at each line it prints. A value the user set is kept."""
+    if not (is_interactive(sys.stdout) and is_interactive(sys.stderr)):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def quiet_ray_data(progress_bars: bool, verbose: bool) -> None:

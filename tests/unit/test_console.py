@@ -103,6 +103,40 @@ def test_ray_init_kwargs(monkeypatch):
     assert "runtime_env" not in console.ray_init_kwargs(verbose=False)
 
 
+def test_ray_line_prefixes_are_plain_off_a_terminal(monkeypatch):
+    """Ray's own printer of relayed worker/raylet lines: no colour escapes into a pipe or file (a
+    raylet's disk-space warning in CI came out as ``\x1b[33m(raylet)\x1b[0m …``)."""
+    from ray._private import worker as ray_worker
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "")        # recorded, so the test's setting is undone
+    monkeypatch.delenv("RAY_COLOR_PREFIX")
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setattr(sys, "stdout", Tty())
+    monkeypatch.setattr(sys, "stderr", Tty())
+    console.ray_init_kwargs(verbose=False)
+    assert "RAY_COLOR_PREFIX" not in os.environ      # a terminal keeps Ray's colours
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    for verbose in (True, False):
+        monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+        console.ray_init_kwargs(verbose=verbose)
+        assert os.environ["RAY_COLOR_PREFIX"] == "0"
+    out = io.StringIO()
+    ray_worker.print_worker_logs({"pid": "raylet", "ip": "10.0.0.1", "localhost": "10.0.0.1",
+                                  "lines": ["/tmp/ray is over 95% full"]}, out)
+    ray_worker.print_worker_logs({"pid": 123, "ip": "10.0.0.1", "localhost": "10.0.0.1",
+                                  "actor_name": "MapWorker", "lines": ["hello"]}, out)
+    assert out.getvalue() == "(raylet) /tmp/ray is over 95% full\n(MapWorker pid=123) hello\n"
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")       # the user's choice is kept
+    console.ray_init_kwargs(verbose=False)
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"
+
+
 def test_filters_drop_only_the_named_ray_notes(caplog):
     console.ray_init_kwargs(verbose=False)
     console._drop_progress_notes()
