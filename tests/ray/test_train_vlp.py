@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -137,24 +136,35 @@ def test_mix_sources_plan_and_transforms(studies, tmp_path):
 # The loss over two workers is the loss (and gradient) of the global batch
 
 
-def _ddp_worker(rank: int, world: int, port: int, pixels, texts, queue) -> None:
+def _ddp_worker(rank: int, world: int, rendezvous: str, pixels, texts, out_dir: str) -> None:
+    """One DDP rank: writes ``<rank>.npz`` (loss, gradients) or ``<rank>.err`` (the traceback)."""
+    import traceback
+    from datetime import timedelta
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    model = tiny_vlp(seed=0)  # eval mode: no dropout, so the two setups are comparable
-    step = DDP(ContrastiveStep(model))
-    n = len(texts) // world
-    loss = step(pixels[rank * n:(rank + 1) * n], texts[rank * n:(rank + 1) * n])
-    loss.backward()
-    # numpy, not tensors: torch would share them by file descriptor with a process about to exit
-    grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
-    queue.put((rank, float(loss), grads))
-    dist.destroy_process_group()
+    torch.set_num_threads(1)
+    try:
+        # a file rendezvous: no port to race for; a collective that waits > 120 s raises
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=120))
+        model = tiny_vlp(seed=0)  # eval mode: no dropout, so the two setups are comparable
+        step = DDP(ContrastiveStep(model))
+        n = len(texts) // world
+        loss = step(pixels[rank * n:(rank + 1) * n], texts[rank * n:(rank + 1) * n])
+        loss.backward()
+        grads = {k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None}
+        np.savez(os.path.join(out_dir, f"{rank}.tmp.npz"), __loss__=loss.item(), **grads)
+        os.replace(os.path.join(out_dir, f"{rank}.tmp.npz"), os.path.join(out_dir, f"{rank}.npz"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
 
 
-def test_two_worker_loss_and_gradient_equal_single_process():
+def test_two_worker_loss_and_gradient_equal_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     pixels = torch.rand(len(TEXTS), 1, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -163,20 +173,26 @@ def test_two_worker_loss_and_gradient_equal_single_process():
     loss.backward()
     expected = {k: p.grad for k, p in single.named_parameters() if p.grad is not None}
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, pixels, TEXTS, queue)) for r in range(2)]
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, rendezvous, pixels, TEXTS, str(tmp_path)))
+             for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (l, g)) for r, l, g in (queue.get(timeout=240) for _ in procs))
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=300)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = {r: (tmp_path / f"{r}.err").read_text() for r in range(2) if (tmp_path / f"{r}.err").exists()}
+    assert not hung and not errors, f"ranks still running after 300 s: {hung}; errors: {errors}"
+    assert [p.exitcode for p in procs] == [0, 0]
     for rank in (0, 1):
-        worker_loss, grads = results[rank]
-        assert worker_loss == pytest.approx(float(loss), rel=1e-5)
+        with np.load(tmp_path / f"{rank}.npz") as f:
+            worker_loss = float(f["__loss__"])
+            grads = {k: f[k] for k in f.files if k != "__loss__"}
+        assert worker_loss == pytest.approx(loss.item(), rel=1e-5)
         assert grads.keys() == expected.keys()
         for name, g in expected.items():  # DDP-averaged gradient == single-process gradient
             assert torch.allclose(torch.from_numpy(grads[name]), g, rtol=1e-3, atol=1e-6), name

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -121,11 +120,14 @@ def test_gather_features_without_process_group_is_identity():
     assert gi is img and gt is txt
 
 
-def _gather_worker(rank: int, world: int, port: int, queue):
+def _gather_worker(rank: int, world: int, rendezvous: str, queue):
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    # a file rendezvous (no port to race for); a collective that waits > 60 s raises
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     img = torch.full((2, 3), float(rank + 1), requires_grad=True)
     txt = torch.full((2, 3), float(10 * (rank + 1)), requires_grad=True)
     gi, gt = gather_features(img, txt)
@@ -134,18 +136,16 @@ def _gather_worker(rank: int, world: int, port: int, queue):
     dist.destroy_process_group()
 
 
-def test_gather_features_across_two_processes():
+def test_gather_features_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, queue)) for r in range(2)]
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, rendezvous, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=60) for _ in procs)
+    results = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
