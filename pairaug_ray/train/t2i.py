@@ -89,7 +89,7 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # Fields added after runs and demo caches existed: at this value they train what the code did
 # before them, so they stay out of the fingerprint (an older run folder resumes, a cache is reused).
-_ADDED_FIELDS = {"finding_balance": 0.0, "finding_weights": {}}
+_ADDED_FIELDS = {"finding_balance": 0.0, "finding_weights": {}, "snr_floor": 0.0}
 # Fields that do not change what is trained (a resume may change them).
 _RUNTIME_FIELDS = frozenset({
     "out", "num_workers", "cpus_per_worker", "use_gpu", "torch_threads", "checkpoint_every",
@@ -148,6 +148,10 @@ class T2IConfig(BaseModel):
                                     "(Hang et al. 2023; 5.0 is their default); None = plain MSE. "
                                     "Measured on PhantomCXR (docs/t2i.md): 5.0 drew the pneumothorax "
                                     "side better once but lost the effusion side in every run")
+    snr_floor: float = Field(0.0, ge=0, le=1, description="with snr_gamma: the smallest loss "
+                             "weight a timestep gets (min-SNR also cuts the noisiest timesteps, "
+                             "weight SNR / (SNR + 1) for v-prediction, to near 0; a floor keeps "
+                             "part of them); 0 = min-SNR as published")
     ema: bool = Field(False, description="keep an exponential moving average of the UNet weights; "
                       "the saved model carries the EMA weights")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (with EMAModel's warm-up)")
@@ -508,16 +512,17 @@ class DenoiseStep(nn.Module):
 
 
 def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float | None,
-                prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon,
-    min(SNR, gamma) / (SNR + 1) for v-prediction; ones when ``gamma`` is None."""
+                prediction_type: str, floor: float = 0.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), shape ``[len(timesteps)]``: min(SNR, gamma)
+    / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v-prediction (as diffusers'
+    train_text_to_image), each raised to at least ``floor``; ones when ``gamma`` is None."""
     if gamma is None:
         return torch.ones(len(timesteps))
     ac = alphas_cumprod[timesteps].double()
     snr = ac / (1 - ac)
     w = torch.clamp(snr, max=gamma)
     w = w / (snr + 1) if prediction_type == "v_prediction" else w / snr
-    return w.float()
+    return torch.clamp(w, min=floor).float()
 
 
 def _all_mean(x: torch.Tensor) -> torch.Tensor:
@@ -817,7 +822,7 @@ def _train_loop(loop_config: dict) -> None:
                 raise ValueError(f"unsupported prediction_type {pred_type!r} (epsilon or v_prediction)")
             texts = ["" if dr else t for dr, t in zip(drop, batch["text"])]
             ids = tokens(texts)
-            weights = snr_weights(alphas, timesteps, cfg.snr_gamma, pred_type)
+            weights = snr_weights(alphas, timesteps, cfg.snr_gamma, pred_type, cfg.snr_floor)
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                 loss = denoise(noisy.to(device, memory_format=fmt), timesteps.to(device), ids.to(device),
                                target.to(device), weights.to(device))

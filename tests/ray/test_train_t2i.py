@@ -102,6 +102,10 @@ def test_denoise_loss_of_a_batch_is_the_mean_of_its_halves():
     ac = torch.linspace(0.999, 0.001, 1000)
     w = snr_weights(ac, torch.tensor([0, 999]), 5.0, "epsilon")
     assert w[0] < 1 and w[1] == 1     # high SNR (small t) down-weighted, low SNR untouched
+    v = snr_weights(ac, torch.tensor([0, 500, 999]), 5.0, "v_prediction")
+    assert v[0] < 1 and v[2] < 0.01 and v[1] == pytest.approx(0.5, abs=0.01)  # SNR 1 at t 500
+    floored = snr_weights(ac, torch.tensor([0, 500, 999]), 5.0, "v_prediction", floor=0.3)
+    assert torch.equal(floored, torch.clamp(v, min=0.3)) and floored[2] == pytest.approx(0.3)
 
 
 def test_training_lowers_the_loss_and_writes_the_run_folder(reference):

@@ -75,6 +75,9 @@ def test_finding_balance_off_leaves_the_fingerprint_of_earlier_runs():
     assert settings_on["finding_balance"] == 0.5 and on != off
     w, settings_w = settings_fingerprint(T2IConfig(finding_weights={"Pneumothorax": 4}), items)
     assert settings_w["finding_weights"] == {"Pneumothorax": 4.0} and w not in (on, off)
+    f, settings_f = settings_fingerprint(T2IConfig(snr_gamma=5.0, snr_floor=0.5), items)
+    g, settings_g = settings_fingerprint(T2IConfig(snr_gamma=5.0), items)
+    assert "snr_floor" not in settings_g and settings_f["snr_floor"] == 0.5 and f != g
 
 
 def test_demo_cache_key_of_the_defaults_is_the_one_earlier_versions_wrote():
@@ -86,7 +89,8 @@ def test_demo_cache_key_of_the_defaults_is_the_one_earlier_versions_wrote():
     items = pa.table({"item_id": ["original:a", "original:b"], "text": ["No acute disease.", "Cardiomegaly."],
                       "image_png": [b"\x89PNG-a", b"\x89PNG-b"]})
     assert cache_key(T2IConfig(), items) == "eb2b0d7edb1eff8d"
-    assert not {"finding_balance", "finding_weights", "out", "studies"} & set(trained_settings(T2IConfig()))
+    assert not {"finding_balance", "finding_weights", "snr_floor", "out", "studies"} & set(
+        trained_settings(T2IConfig()))
     assert cache_key(T2IConfig(finding_weights={"Pneumothorax": 2}), items) != "eb2b0d7edb1eff8d"
     assert cache_key(T2IConfig(num_workers=2, out="elsewhere"), items) == "eb2b0d7edb1eff8d"
 
