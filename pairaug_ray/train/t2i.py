@@ -89,7 +89,8 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # Fields added after runs and demo caches existed: at this value they train what the code did
 # before them, so they stay out of the fingerprint (an older run folder resumes, a cache is reused).
-_ADDED_FIELDS = {"finding_balance": 0.0, "finding_weights": {}, "snr_floor": 0.0}
+_ADDED_FIELDS = {"finding_balance": 0.0, "finding_weights": {}, "snr_floor": 0.0, "snr_start": 0.0,
+                 "snr_stop": 1.0}
 # Fields that do not change what is trained (a resume may change them).
 _RUNTIME_FIELDS = frozenset({
     "out", "num_workers", "cpus_per_worker", "use_gpu", "torch_threads", "checkpoint_every",
@@ -152,6 +153,10 @@ class T2IConfig(BaseModel):
                              "weight a timestep gets (min-SNR also cuts the noisiest timesteps, "
                              "weight SNR / (SNR + 1) for v-prediction, to near 0; a floor keeps "
                              "part of them); 0 = min-SNR as published")
+    snr_start: float = Field(0.0, ge=0, le=1, description="with snr_gamma: the share of the UNet "
+                             "steps trained with plain MSE before min-SNR weighting starts")
+    snr_stop: float = Field(1.0, ge=0, le=1, description="with snr_gamma: the share of the UNet "
+                            "steps after which min-SNR weighting stops (plain MSE again)")
     ema: bool = Field(False, description="keep an exponential moving average of the UNet weights; "
                       "the saved model carries the EMA weights")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (with EMAModel's warm-up)")
@@ -226,7 +231,16 @@ class T2IConfig(BaseModel):
         bad = {k: v for k, v in self.finding_weights.items() if not v > 0}
         if bad:
             raise ValueError(f"finding_weights must be > 0, got {bad}")
+        if self.snr_start >= self.snr_stop:
+            raise ValueError(f"snr_start {self.snr_start} must be below snr_stop {self.snr_stop}")
         return self
+
+    def snr_gamma_at(self, unet_step: int) -> float | None:
+        """The min-SNR gamma of UNet step ``unet_step`` (0-based): ``snr_gamma`` inside
+        [snr_start, snr_stop) of the UNet steps, else None (plain MSE)."""
+        if self.snr_start * self.steps <= unet_step < self.snr_stop * self.steps:
+            return self.snr_gamma
+        return None
 
     def trains_vae(self) -> bool:
         """Whether the VAE phase runs (``keep_vae`` None: only for a tiny:// init)."""
@@ -822,7 +836,7 @@ def _train_loop(loop_config: dict) -> None:
                 raise ValueError(f"unsupported prediction_type {pred_type!r} (epsilon or v_prediction)")
             texts = ["" if dr else t for dr, t in zip(drop, batch["text"])]
             ids = tokens(texts)
-            weights = snr_weights(alphas, timesteps, cfg.snr_gamma, pred_type, cfg.snr_floor)
+            weights = snr_weights(alphas, timesteps, cfg.snr_gamma_at(s - vae_end), pred_type, cfg.snr_floor)
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                 loss = denoise(noisy.to(device, memory_format=fmt), timesteps.to(device), ids.to(device),
                                target.to(device), weights.to(device))

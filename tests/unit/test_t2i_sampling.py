@@ -78,6 +78,17 @@ def test_finding_balance_off_leaves_the_fingerprint_of_earlier_runs():
     f, settings_f = settings_fingerprint(T2IConfig(snr_gamma=5.0, snr_floor=0.5), items)
     g, settings_g = settings_fingerprint(T2IConfig(snr_gamma=5.0), items)
     assert "snr_floor" not in settings_g and settings_f["snr_floor"] == 0.5 and f != g
+    h, settings_h = settings_fingerprint(T2IConfig(snr_gamma=5.0, snr_start=0.5), items)
+    assert "snr_start" not in settings_g and settings_h["snr_start"] == 0.5 and h not in (f, g)
+
+
+def test_min_snr_span_covers_the_named_share_of_unet_steps():
+    cfg = T2IConfig(steps=10, snr_gamma=5.0, snr_start=0.2, snr_stop=0.7)
+    assert [cfg.snr_gamma_at(u) for u in range(10)] == [None] * 2 + [5.0] * 5 + [None] * 3
+    assert {T2IConfig(steps=10, snr_gamma=5.0).snr_gamma_at(u) for u in range(10)} == {5.0}
+    assert {T2IConfig(steps=10).snr_gamma_at(u) for u in range(10)} == {None}
+    with pytest.raises(ValueError, match="snr_start"):
+        T2IConfig(snr_start=0.6, snr_stop=0.5)
 
 
 def test_demo_cache_key_of_the_defaults_is_the_one_earlier_versions_wrote():
