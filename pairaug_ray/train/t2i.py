@@ -147,8 +147,9 @@ class T2IConfig(BaseModel):
                                 "added to the noise (Guttenberg 2023); 0 = off")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting "
                                     "(Hang et al. 2023; 5.0 is their default); None = plain MSE. "
-                                    "Measured on PhantomCXR (docs/t2i.md): 5.0 drew the pneumothorax "
-                                    "side better once but lost the effusion side in every run")
+                                    "Measured on PhantomCXR (docs/t2i.md): over all UNet steps it "
+                                    "drew pneumothorax better and lost the effusion side; for the "
+                                    "first half only (snr_stop=0.5) it kept both")
     snr_floor: float = Field(0.0, ge=0, le=1, description="with snr_gamma: the smallest loss "
                              "weight a timestep gets (min-SNR also cuts the noisiest timesteps, "
                              "weight SNR / (SNR + 1) for v-prediction, to near 0; a floor keeps "
