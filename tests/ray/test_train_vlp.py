@@ -182,9 +182,8 @@ def test_two_worker_loss_and_gradient_equal_single_process(tmp_path):
     for p in procs:
         p.join(timeout=300)
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    for r in hung:
+        procs[r].kill()
     errors = {r: (tmp_path / f"{r}.err").read_text() for r in range(2) if (tmp_path / f"{r}.err").exists()}
     assert not hung and not errors, f"ranks still running after 300 s: {hung}; errors: {errors}"
     assert [p.exitcode for p in procs] == [0, 0]
