@@ -149,7 +149,8 @@ class T2IConfig(BaseModel):
                                     "(Hang et al. 2023; 5.0 is their default); None = plain MSE. "
                                     "Measured on PhantomCXR (docs/t2i.md): over all UNet steps it "
                                     "drew pneumothorax better and lost the effusion side; for the "
-                                    "first half only (snr_stop=0.5) it kept both")
+                                    "first half only (snr_stop=0.5) it raised pneumothorax at each "
+                                    "of three seeds and kept the effusion side at two")
     snr_floor: float = Field(0.0, ge=0, le=1, description="with snr_gamma: the smallest loss "
                              "weight a timestep gets (min-SNR also cuts the noisiest timesteps, "
                              "weight SNR / (SNR + 1) for v-prediction, to near 0; a floor keeps "
