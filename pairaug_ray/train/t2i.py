@@ -22,7 +22,8 @@ scheduler config) noises the latent (``add_noise``); the UNet, conditioned on th
 last hidden state of the report, predicts the noise (``epsilon``) or the velocity
 (``v_prediction``, ``get_velocity``) as the init model's ``prediction_type`` says; loss = mean
 squared error, optionally min-SNR-gamma weighted (Hang et al. 2023, "Efficient Diffusion Training
-via Min-SNR Weighting Strategy"). With probability ``cond_dropout`` the prompt is replaced by the
+via Min-SNR Weighting Strategy"), or with ``snr_sampling`` the same objective by importance
+sampling: t drawn in proportion to its min-SNR weight, every sample weighed alike. With probability ``cond_dropout`` the prompt is replaced by the
 empty prompt, which is what the pipelines use as the unconditional branch of classifier-free
 guidance (Ho & Salimans 2022). AdamW, linear warm-up then cosine decay
 (``diffusers.optimization.get_scheduler``), gradient clipping, optional EMA of the UNet
@@ -49,7 +50,7 @@ is the all-reduced mean. A resumed run therefore continues the same loss curve.
 
 Run folder ``out`` (local or ``s3://``): Ray Train's ``checkpoint_<step>/`` folders (a
 ``pipeline/`` ``save_pretrained`` folder + ``train_state.pt``), ``metrics.jsonl`` (one line per
-step, both phases), ``t2i_run.json`` (the settings fingerprint, written before training: a re-run
+step, both phases; UNet lines carry the global batch's mean ``timestep_mean``), ``t2i_run.json`` (the settings fingerprint, written before training: a re-run
 with other settings is refused), ``model/`` (the final pipeline) and ``manifest.json`` (time,
 steps, losses, fingerprint). Re-running the same command resumes from the latest checkpoint.
 """
@@ -90,7 +91,7 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Fields added after runs and demo caches existed: at this value they train what the code did
 # before them, so they stay out of the fingerprint (an older run folder resumes, a cache is reused).
 _ADDED_FIELDS = {"finding_balance": 0.0, "finding_weights": {}, "snr_floor": 0.0, "snr_start": 0.0,
-                 "snr_stop": 1.0}
+                 "snr_stop": 1.0, "snr_sampling": False}
 # Fields that do not change what is trained (a resume may change them).
 _RUNTIME_FIELDS = frozenset({
     "out", "num_workers", "cpus_per_worker", "use_gpu", "torch_threads", "checkpoint_every",
@@ -159,6 +160,12 @@ class T2IConfig(BaseModel):
                              "steps trained with plain MSE before min-SNR weighting starts")
     snr_stop: float = Field(1.0, ge=0, le=1, description="with snr_gamma: the share of the UNet "
                             "steps after which min-SNR weighting stops (plain MSE again)")
+    snr_sampling: bool = Field(False, description="with snr_gamma: min-SNR as importance sampling. "
+                               "Each sample's timestep is drawn with probability ∝ its min-SNR "
+                               "weight and every sample weighs the same (the mean weight): the "
+                               "same expected loss, but no sample counts for almost nothing (the "
+                               "weighted uniform batch's effective size is 0.56 of it at gamma 20, "
+                               "v-prediction); off = uniform timesteps, weighted")
     ema: bool = Field(False, description="keep an exponential moving average of the UNet weights; "
                       "the saved model carries the EMA weights")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (with EMAModel's warm-up)")
@@ -541,8 +548,41 @@ def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: fl
     return torch.clamp(w, min=floor).float()
 
 
+def snr_sampling_distribution(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str,
+                              floor: float = 0.0) -> tuple[torch.Tensor, float]:
+    """Min-SNR as importance sampling (``T2IConfig.snr_sampling``): ``(probs, weight)``, ``probs`` of
+    shape ``[T]`` (T = len(alphas_cumprod), the training timesteps) proportional to each timestep's
+    :func:`snr_weights`, ``weight`` their mean. Drawing t ~ probs and weighing every sample by
+    ``weight`` has the expected loss of drawing t uniformly and weighing it by its min-SNR weight
+    (E_uniform[w L] = mean(w) E_probs[L]), with every sample of a batch counting fully; weighted
+    uniform draws have an effective batch of (sum w)^2 / (T sum w^2) of theirs (Kish's effective
+    sample size: 0.56 for gamma 20, v-prediction, Stable Diffusion's scaled-linear betas)."""
+    w = snr_weights(alphas_cumprod, torch.arange(len(alphas_cumprod)), gamma, prediction_type, floor).double()
+    return (w / w.sum()).float(), float(w.mean())
+
+
+def timestep_plan(cfg: T2IConfig, alphas_cumprod: torch.Tensor, prediction_type: str,
+                  unet_step: int) -> tuple[torch.Tensor | None, float | None, float | None]:
+    """How UNet step ``unet_step`` (0-based) draws and weighs timesteps: ``(probs, weight, gamma)``.
+    ``probs`` [T] and ``weight`` are set when ``snr_sampling`` is on inside the min-SNR span (draw t
+    from probs, weigh each sample by weight); otherwise both are None and t is uniform, weighted by
+    :func:`snr_weights` with ``gamma`` (None = plain MSE)."""
+    gamma = cfg.snr_gamma_at(unet_step)
+    if gamma is None or not cfg.snr_sampling:
+        return None, None, gamma
+    probs, weight = snr_sampling_distribution(alphas_cumprod, gamma, prediction_type, cfg.snr_floor)
+    return probs, weight, gamma
+
+
+def draw_timestep(g: torch.Generator, n_train_timesteps: int, probs: torch.Tensor | None) -> torch.Tensor:
+    """One sample's timestep, shape [1]: uniform over [0, n_train_timesteps), or from ``probs``."""
+    if probs is None:
+        return torch.randint(0, n_train_timesteps, (1,), generator=g)
+    return torch.multinomial(probs, 1, generator=g)
+
+
 def _all_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar over the workers (the loss of the global batch); itself on one worker."""
+    """Mean of a tensor over the workers (e.g. the loss of the global batch); itself on one worker."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         x = x.detach().clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -816,9 +856,10 @@ def _train_loop(loop_config: dict) -> None:
                         cache[items[k]] = posts[k]
             mus, sds = zip(*[posts[k] if k in posts else cache[i] for k, i in enumerate(items)])
             latents, noises, ts, drop = [], [], [], []
+            probs, t_weight, gamma = timestep_plan(cfg, alphas, pred_type, s - vae_end)
             for k, sl in enumerate(batch["slot"]):
                 g = torch.Generator().manual_seed(_sample_seed(cfg.seed, "unet", s, int(sl)))
-                t = torch.randint(0, n_train_t, (1,), generator=g)
+                t = draw_timestep(g, n_train_t, probs)
                 u = torch.rand(1, generator=g)
                 eps = torch.randn(mus[k].shape, generator=g)
                 noise = torch.randn(mus[k].shape, generator=g)
@@ -838,7 +879,8 @@ def _train_loop(loop_config: dict) -> None:
                 raise ValueError(f"unsupported prediction_type {pred_type!r} (epsilon or v_prediction)")
             texts = ["" if dr else t for dr, t in zip(drop, batch["text"])]
             ids = tokens(texts)
-            weights = snr_weights(alphas, timesteps, cfg.snr_gamma_at(s - vae_end), pred_type, cfg.snr_floor)
+            weights = (torch.full((len(timesteps),), t_weight) if probs is not None
+                       else snr_weights(alphas, timesteps, gamma, pred_type, cfg.snr_floor))
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                 loss = denoise(noisy.to(device, memory_format=fmt), timesteps.to(device), ids.to(device),
                                target.to(device), weights.to(device))
@@ -854,7 +896,10 @@ def _train_loop(loop_config: dict) -> None:
                 ema.step(unet.parameters())
             step = s + 1
             t_prev = time.perf_counter()
-            metrics = log_step(step, {"phase": "unet", "loss": float(_all_mean(loss)), "lr": lr,
+            # one all-reduce for both: the global batch's loss and mean timestep
+            loss_g, t_mean = _all_mean(torch.stack([loss.detach().float(),
+                                                    timesteps.float().mean().to(loss.device)])).tolist()
+            metrics = log_step(step, {"phase": "unet", "loss": loss_g, "lr": lr, "timestep_mean": t_mean,
                                       "samples_per_s": cfg.batch_size / (t_prev - t0)})
             after_step(step, metrics, lambda: {
                 "phase": "unet", "optimizer": opt.state_dict(), "scheduler": lrs.state_dict(),

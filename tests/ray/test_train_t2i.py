@@ -157,6 +157,19 @@ def test_finding_weights_reach_the_trainer_plan(studies, tmp_path):
     assert shares[finding]["samples"] > 1.5 * shares[finding]["images"] > 0, shares
 
 
+def test_min_snr_sampling_reaches_the_trainer(studies, tmp_path):
+    """``snr_sampling`` in the worker loop: inside the min-SNR span the timesteps come from the
+    min-SNR weights (mean t of a batch far below the uniform ~500: v-prediction's min-SNR weighs
+    the noisiest timesteps least), after it uniform again; weighted min-SNR keeps uniform draws."""
+    kw = dict(vae_steps=0, steps=8, snr_gamma=20.0, snr_stop=0.5)
+    lines = read_t2i_metrics(train_t2i(_cfg(studies, str(tmp_path / "is"), snr_sampling=True,
+                                            **kw))["run_dir"])
+    weighted = read_t2i_metrics(train_t2i(_cfg(studies, str(tmp_path / "w"), **kw))["run_dir"])
+    t_is, t_w = _curve(lines, "timestep_mean"), _curve(weighted, "timestep_mean")
+    assert np.mean(t_is[:4]) < 350 < np.mean(t_w[:4]), (t_is, t_w)
+    assert np.mean(t_is[4:]) > 350 and np.all(np.isfinite(_curve(lines)))
+
+
 def test_checkpoints_and_model_on_s3(studies, s3_bucket):
     endpoint, bucket = s3_bucket
     storage = StorageConfig(endpoint_url=endpoint)

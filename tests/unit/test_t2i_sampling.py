@@ -19,7 +19,11 @@ from pairaug_ray.train.t2i import (
     finding_groups,
     finding_multipliers,
     finding_positives,
+    draw_timestep,
     settings_fingerprint,
+    snr_sampling_distribution,
+    snr_weights,
+    timestep_plan,
     trained_settings,
 )
 
@@ -91,6 +95,48 @@ def test_min_snr_span_covers_the_named_share_of_unet_steps():
         T2IConfig(snr_start=0.6, snr_stop=0.5)
 
 
+def test_min_snr_importance_sampling_keeps_the_expected_loss_and_every_sample():
+    """``snr_sampling``: t drawn ∝ the min-SNR weight, every sample weighed by the mean weight. The
+    expected loss is the weighted uniform one; the per-sample spread is smaller; draws follow probs."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    ac = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    probs, scale = snr_sampling_distribution(ac, 20.0, "v_prediction")
+    w = snr_weights(ac, torch.arange(1000), 20.0, "v_prediction")
+    assert probs.shape == (1000,) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert scale == pytest.approx(float(w.mean()), rel=1e-6)
+    assert float(w.sum() ** 2 / (w ** 2).sum() / 1000) == pytest.approx(0.56, abs=0.01)  # docstring
+    loss = 0.2 + (torch.arange(1000) / 1000.0) ** 2          # a per-timestep loss that varies with t
+    exact = float((w * loss).mean())
+    assert scale * float((probs * loss).sum()) == pytest.approx(exact, rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    t_is = torch.cat([draw_timestep(g, 1000, probs) for _ in range(4000)])
+    t_u = torch.cat([draw_timestep(g, 1000, None) for _ in range(4000)])
+    per_is, per_u = scale * loss[t_is], w[t_u] * loss[t_u]
+    assert float(per_is.mean()) == pytest.approx(exact, rel=0.03)
+    assert float(per_u.mean()) == pytest.approx(exact, rel=0.05)
+    assert float(per_is.var()) < 0.7 * float(per_u.var())   # measured 0.51 of it
+    # few draws where min-SNR weighs little (the noisiest timesteps), as probs says
+    assert float((t_is > 900).float().mean()) == pytest.approx(float(probs[901:].sum()), abs=0.01)
+    assert float((t_is > 900).float().mean()) < 0.5 * float((t_u > 900).float().mean())
+    # off: the uniform draw is the one earlier versions made (same generator state, same t)
+    assert torch.equal(draw_timestep(torch.Generator().manual_seed(5), 1000, None),
+                       torch.randint(0, 1000, (1,), generator=torch.Generator().manual_seed(5)))
+
+
+def test_timestep_plan_samples_only_inside_the_min_snr_span():
+    import torch
+
+    ac = torch.linspace(0.999, 0.001, 1000)
+    cfg = T2IConfig(steps=10, snr_gamma=20.0, snr_stop=0.5, snr_sampling=True)
+    plans = [timestep_plan(cfg, ac, "v_prediction", u) for u in range(10)]
+    assert all(p is not None and s > 0 and gm == 20.0 for p, s, gm in plans[:5])
+    assert all(p is None and s is None and gm is None for p, s, gm in plans[5:])
+    weighted = timestep_plan(T2IConfig(steps=10, snr_gamma=20.0), ac, "v_prediction", 0)
+    assert weighted[0] is None and weighted[1] is None and weighted[2] == 20.0
+
+
 def test_demo_cache_key_of_the_defaults_is_the_one_earlier_versions_wrote():
     """``cached_t2i`` (the demo) keys its folder by ``trained_settings`` + item content. Pinned:
     eb2b0d7edb1eff8d is what the code wrote before ``finding_balance`` existed (computed with
@@ -100,8 +146,10 @@ def test_demo_cache_key_of_the_defaults_is_the_one_earlier_versions_wrote():
     items = pa.table({"item_id": ["original:a", "original:b"], "text": ["No acute disease.", "Cardiomegaly."],
                       "image_png": [b"\x89PNG-a", b"\x89PNG-b"]})
     assert cache_key(T2IConfig(), items) == "eb2b0d7edb1eff8d"
-    assert not {"finding_balance", "finding_weights", "snr_floor", "out", "studies"} & set(
+    assert not {"finding_balance", "finding_weights", "snr_floor", "snr_sampling", "out", "studies"} & set(
         trained_settings(T2IConfig()))
+    assert cache_key(T2IConfig(snr_gamma=20.0, snr_sampling=True), items) != cache_key(
+        T2IConfig(snr_gamma=20.0), items)
     assert cache_key(T2IConfig(finding_weights={"Pneumothorax": 2}), items) != "eb2b0d7edb1eff8d"
     assert cache_key(T2IConfig(num_workers=2, out="elsewhere"), items) == "eb2b0d7edb1eff8d"
 
