@@ -161,7 +161,7 @@ def test_min_snr_sampling_reaches_the_trainer(studies, tmp_path):
     """``snr_sampling`` in the worker loop: inside the min-SNR span the timesteps come from the
     min-SNR weights (mean t of a batch far below the uniform ~500: v-prediction's min-SNR weighs
     the noisiest timesteps least), after it uniform again; weighted min-SNR keeps uniform draws."""
-    kw = dict(vae_steps=0, steps=8, snr_gamma=20.0, snr_stop=0.5)
+    kw = {"vae_steps": 0, "steps": 8, "snr_gamma": 20.0, "snr_stop": 0.5}
     lines = read_t2i_metrics(train_t2i(_cfg(studies, str(tmp_path / "is"), snr_sampling=True,
                                             **kw))["run_dir"])
     weighted = read_t2i_metrics(train_t2i(_cfg(studies, str(tmp_path / "w"), **kw))["run_dir"])
