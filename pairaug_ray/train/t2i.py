@@ -23,11 +23,12 @@ last hidden state of the report, predicts the noise (``epsilon``) or the velocit
 (``v_prediction``, ``get_velocity``) as the init model's ``prediction_type`` says; loss = mean
 squared error, optionally min-SNR-gamma weighted (Hang et al. 2023, "Efficient Diffusion Training
 via Min-SNR Weighting Strategy"), or with ``snr_sampling`` the same objective by importance
-sampling: t drawn in proportion to its min-SNR weight, every sample weighed alike. With probability ``cond_dropout`` the prompt is replaced by the
-empty prompt, which is what the pipelines use as the unconditional branch of classifier-free
-guidance (Ho & Salimans 2022). AdamW, linear warm-up then cosine decay
-(``diffusers.optimization.get_scheduler``), gradient clipping, optional EMA of the UNet
-(``diffusers.training_utils.EMAModel``; the saved model carries the EMA weights).
+sampling: t drawn in proportion to its min-SNR weight, every sample weighed alike. With
+probability ``cond_dropout`` the prompt is replaced by the empty prompt, which is what the
+pipelines use as the unconditional branch of classifier-free guidance (Ho & Salimans 2022).
+AdamW, linear warm-up then cosine decay (``diffusers.optimization.get_scheduler``), gradient
+clipping, optional EMA of the UNet (``diffusers.training_utils.EMAModel``; the saved model carries
+the EMA weights).
 
 The prompt is the studies row's ``report`` (readable findings + impression, what the augment job
 rewrites) cut to the text encoder's length by ``models.diffusion.truncate_prompt``, as the
@@ -50,9 +51,10 @@ is the all-reduced mean. A resumed run therefore continues the same loss curve.
 
 Run folder ``out`` (local or ``s3://``): Ray Train's ``checkpoint_<step>/`` folders (a
 ``pipeline/`` ``save_pretrained`` folder + ``train_state.pt``), ``metrics.jsonl`` (one line per
-step, both phases; UNet lines carry the global batch's mean ``timestep_mean``), ``t2i_run.json`` (the settings fingerprint, written before training: a re-run
-with other settings is refused), ``model/`` (the final pipeline) and ``manifest.json`` (time,
-steps, losses, fingerprint). Re-running the same command resumes from the latest checkpoint.
+step, both phases; UNet lines also carry the global batch's mean timestep, ``timestep_mean``),
+``t2i_run.json`` (the settings fingerprint, written before training: a re-run with other settings
+is refused), ``model/`` (the final pipeline) and ``manifest.json`` (time, steps, losses,
+fingerprint). Re-running the same command resumes from the latest checkpoint.
 """
 from __future__ import annotations
 
